@@ -1,0 +1,246 @@
+"""Latent Perceptual Loss (LPL).
+
+Berrada et al., "Boosting Latent Diffusion with Perceptual Objectives", ICLR 2025.
+Read this file beside Section 3 of the paper; it follows the section top to bottom:
+
+    ẑ0 from the model output                          Table 1, Section 3.3   z0_from_prediction
+    δ(σ_t ≤ τ_σ): LPL only at low noise                Eq. 3, Section 4.1     lpl_mask
+    ϕ_l = F^{d,l}(z0), ϕ̂_l = F^{d,l}(ẑ0)               Eq. 2                  LatentPerceptualLoss.features
+    ρ_l: outlier mask                                  Algorithm 1, App. A.3  remove_outliers
+    ϕ', ϕ̂': shared normalization; ω_l = 2^(-r_l)       Section 3.2            layer_distance, depth_weights
+    L_LPL = δ Σ_l ω_l/C_l Σ_c ‖ρ ⊙ (ϕ' − ϕ̂')‖²         Eq. 3                  LatentPerceptualLoss.forward
+    L_tot = L_Diff + w_LPL · L_LPL                     Section 3.2            (the trainer)
+
+It imports only torch and can be copied alone: the VAE is a diffusers `AutoencoderKL` passed in.
+The loss takes latents; the trainer decides on which samples to call it:
+
+    lpl = LatentPerceptualLoss(vae)                                   # frozen, features from hooks
+    m = lpl_mask(alpha_t, sigma_t, tau)                               # (B,) bool
+    z0_hat = z0_from_prediction(out[m], z_t[m], alpha_t[m], sigma_t[m], "eps")
+    loss = loss_diff + w_lpl * lpl(z0_hat, z0[m]).sum() / B           # E[δ · ...] over the batch
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PARAMETERIZATIONS = ("eps", "v", "flow")
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1 (Section 3.3): the clean-latent estimate ẑ0, with z_t = α_t z0 + σ_t ε for all three.
+# ----------------------------------------------------------------------------------------------
+def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
+    """ẑ0 from the model output D = D(z_t, t; Θ); alpha_t, sigma_t are scalars or (B,).
+
+    eps  (DDPM-ε):  D ≈ ε                ẑ0 = (z_t − σ_t D) / α_t
+    v    (DDPM-v):  D ≈ α_t ε − σ_t z0   ẑ0 = α_t z_t − σ_t D          (needs α_t² + σ_t² = 1)
+    flow (Flow-OT): D ≈ ε − z0           ẑ0 = z_t − σ_t D              (α_t = 1 − t, σ_t = t)
+    """
+    a, s = _per_sample(alpha_t, z_t), _per_sample(sigma_t, z_t)  # (B, 1, 1, 1) or scalars
+    if parameterization == "eps":
+        return (z_t - s * pred) / a
+    if parameterization == "v":
+        return a * z_t - s * pred
+    if parameterization == "flow":
+        return z_t - s * pred
+    raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
+
+
+def _per_sample(x, ref):
+    x = torch.as_tensor(x, dtype=ref.dtype, device=ref.device)
+    return x.reshape(-1, *[1] * (ref.dim() - 1)) if x.dim() else x
+
+
+# ----------------------------------------------------------------------------------------------
+# δ(σ_t ≤ τ_σ) of Eq. 3: LPL is applied only at high SNR. The threshold is on the noise-to-signal
+# ratio σ_t/α_t, which is what makes one τ (3–6 is best, Fig. 6) meaningful for ε, v and flow alike.
+# Section 4.1 scales τ_σ by the upscaling factor of the resolution, as SD3 shifts its schedule
+# (the SD3 shift multiplies σ/α by that factor, so scaling τ_σ by it keeps the same samples in).
+# ----------------------------------------------------------------------------------------------
+def lpl_mask(alpha_t, sigma_t, tau, resolution_scale=1.0):
+    """(B,) bool: which samples get LPL. resolution_scale = resolution / the resolution τ was tuned at."""
+    if not tau >= 0:
+        raise ValueError(f"the LPL noise threshold tau must be >= 0, got {tau}")
+    if not resolution_scale > 0:
+        raise ValueError(f"resolution_scale must be > 0, got {resolution_scale}")
+    alpha_t, sigma_t = torch.as_tensor(alpha_t), torch.as_tensor(sigma_t)
+    return sigma_t <= tau * resolution_scale * alpha_t  # σ/α ≤ τ without dividing by α = 0 (zero SNR)
+
+
+# ----------------------------------------------------------------------------------------------
+# ρ_l: Algorithm 1 (Appendix A.3). Some decoder maps carry small patches of activations orders of
+# magnitude above the rest (Fig. 13); they would dominate Eq. 3, so they are masked. Threshold each
+# map at its δ_o and 1 − δ_o quantiles widened by m = 2·std, then clean the outlier set with a
+# morphological opening (erosion, then dilation).
+#
+# Fixes to the published pseudo-code: its argument `m` is unused (shadowed by 2·std), so it is gone;
+# k = int(N·δ_o) is 0 on maps under 50 pixels and kthvalue(0) crashes, so k is clamped to [1, N];
+# one printed version negates a float mask with `~`, which fails, so we negate with `-` as the other
+# does; even kernels with padding (k−1)//2 shrink the map, so kernels are made odd (generalising the
+# paper's own 2 → 3 and 2 → 1: the dilation rounds up, so the safety margin never shrinks, and the
+# erosion rounds down, so no real patch is eroded away); the comments "closing"/"opening" name the
+# two pools the other way round from what they do to the outlier set (A.3: erosion, then dilation).
+# We also compare with ≤ rather than <, so that a constant map (std 0) is not masked whole.
+# ----------------------------------------------------------------------------------------------
+def remove_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
+    """Algorithm 1 on feat (B, C, H, W) -> (mask, feat * mask); mask is bool, True = kept.
+
+    down_f shrinks both kernels for maps at a lower resolution than the one they were set for
+    (Section 4.1: the kernels cover the same proportion of the image at every resolution).
+    """
+    opening = _odd(math.ceil(opening / down_f), up=True)  # dilation of the outlier set
+    closing = _odd(math.ceil(closing / down_f), up=False)  # erosion of the outlier set
+    x = feat.detach().flatten(-2).float()  # (B, C, N)
+    N = x.shape[-1]
+    k_lo = min(max(int(N * quant), 1), N)
+    k_hi = min(max(int(N * (1 - quant)), 1), N)
+    q_lo = x.kthvalue(k_lo, dim=-1, keepdim=True).values  # (B, C, 1): quantile δ_o, nearest
+    q_hi = x.kthvalue(k_hi, dim=-1, keepdim=True).values  # (B, C, 1): quantile 1 − δ_o
+    m = 2 * x.std(-1, correction=0, keepdim=True)  # (B, C, 1): the offset (population std: N=1 ok)
+    keep = ((q_lo - m <= x) & (x <= q_hi + m)).view(feat.shape).float()  # (B, C, H, W)
+    # Erode the outliers = dilate the kept set: drops outlier specks smaller than the kernel.
+    keep = F.max_pool2d(keep, closing, stride=1, padding=closing // 2)
+    # Dilate the outliers = erode the kept set: a safety margin around each patch that survived.
+    keep = -F.max_pool2d(-keep, opening, stride=1, padding=opening // 2)
+    mask = keep.bool()  # (B, C, H, W)
+    return mask, torch.where(mask, feat, 0)
+
+
+def _odd(k, up):
+    return k if k % 2 else (k + 1 if up else k - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Section 3.2, "Normalization" and the inner sum of Eq. 3, for one layer l. Each channel is
+# standardised to zero mean, unit variance over space with the statistics of the *prediction's*
+# features ϕ̂ (over non-outlier positions), applied to both ϕ and ϕ̂: with separate statistics a
+# correct prediction can still receive gradients. With shared statistics the mean cancels in
+# ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only σ̂ is needed. The squared error is averaged over the kept positions.
+# ----------------------------------------------------------------------------------------------
+def layer_distance(phi, phi_hat, rho, normalization="shared", eps=1e-6):
+    """Per-channel Eq. 3 term ‖ρ ⊙ (ϕ' − ϕ̂')‖² / |ρ| for ϕ, ϕ̂ (B, C, H, W), rho bool -> (B, C)."""
+    phi, phi_hat = phi.float(), phi_hat.float()  # (B, C, H, W): statistics in fp32 under autocast
+    n = rho.sum((2, 3), keepdim=True).clamp(min=1)  # (B, C, 1, 1): kept positions, 0 -> 1
+    mu_hat, sd_hat = _masked_moments(phi_hat, rho, n, eps)  # (B, C, 1, 1) each
+    if normalization == "shared":
+        diff = (phi - phi_hat) / sd_hat  # (B, C, H, W) = ϕ' − ϕ̂'
+    elif normalization == "separate":
+        mu, sd = _masked_moments(phi, rho, n, eps)  # ablation of Section 4.3
+        diff = (phi - mu) / sd - (phi_hat - mu_hat) / sd_hat  # (B, C, H, W)
+    else:
+        raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
+    return torch.where(rho, diff.square(), 0).sum((2, 3)) / n[..., 0, 0]  # (B, C)
+
+
+def _masked_moments(x, rho, n, eps):
+    mu = torch.where(rho, x, 0).sum((2, 3), keepdim=True) / n  # (B, C, 1, 1)
+    var = torch.where(rho, (x - mu).square(), 0).sum((2, 3), keepdim=True) / n  # (B, C, 1, 1)
+    return mu, (var + eps).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------
+# Section 3.2, "Depth-specific weighting": the loss roughly doubles with each doubling of resolution,
+# so layer l is weighted by ω_l = 2^(−r_l), r_l = number of doublings from the first tapped layer.
+# For the SD VAE (mid 64², up blocks 128², 256², 512², 512² at 512 px) that is 1, ½, ¼, ⅛, ⅛.
+# ----------------------------------------------------------------------------------------------
+def depth_weights(widths, scheme="pow2"):
+    """ω_l from the feature-map widths of the tapped layers."""
+    if scheme == "uniform":  # ablation of Section 4.3
+        return [1.0] * len(widths)
+    if scheme == "pow2":
+        return [2.0 ** -math.log2(w / widths[0]) for w in widths]
+    raise ValueError(f"layer_weights must be 'pow2' or 'uniform', got {scheme!r}")
+
+
+class _StopDecoding(Exception):
+    pass
+
+
+class LatentPerceptualLoss(nn.Module):
+    """Eq. 3 on a frozen diffusers AutoencoderKL; forward(ẑ0, z0) -> (B,) per-sample loss.
+
+    num_blocks:      decoder blocks tapped, mid block first (Fig. 7); None = all (5 for SD VAEs).
+    normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3).
+    layer_weights:   "pow2" (ω_l = 2^(−r_l), the paper's) | "uniform" (Section 4.3).
+    outliers:        mask outliers with Algorithm 1 (the paper's default) or not.
+    kernel_ref_size: map width at which Algorithm 1's kernels (5, 3) apply as they are; narrower
+                     maps get proportionally smaller kernels (Section 4.1). 512: the paper's images.
+    grad_checkpointing: recompute the decoder blocks in backward instead of storing activations.
+    """
+
+    def __init__(self, vae, num_blocks=None, normalization="shared", layer_weights="pow2",
+                 outliers=True, kernel_ref_size=512, grad_checkpointing=False):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)  # frozen: gradients reach ẑ0, never the VAE
+        dec = vae.decoder
+        blocks = [dec.mid_block, *dec.up_blocks]  # F^{d,l}, l = 1..L: each block's output (Eq. 2)
+        n = len(blocks) if num_blocks is None else num_blocks
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"num_blocks must be in 1..{len(blocks)} for this VAE (mid block + "
+                             f"{len(blocks) - 1} up blocks), got {num_blocks}")
+        self.taps = blocks[:n]
+        self.stop_at = dec.up_blocks[n - 1] if n < len(blocks) else dec.conv_norm_out  # next module
+        if normalization not in ("shared", "separate"):
+            raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
+        self.normalization, self.outliers, self.kernel_ref_size = normalization, outliers, kernel_ref_size
+        if grad_checkpointing:
+            vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
+        self.latent_channels = vae.config.latent_channels
+        self.scaling_factor = vae.config.scaling_factor
+        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs
+        p = next(vae.parameters())
+        with torch.no_grad():  # one tiny dry run gives the tapped maps' widths, hence r_l and ω_l
+            widths = [f.shape[-1] for f in self.features(p.new_zeros(1, self.latent_channels, 2, 2))]
+        self.layer_weights = depth_weights(widths, layer_weights)  # ω_1..ω_L
+
+    def features(self, z):
+        """Eq. 2: [ϕ_1, ..., ϕ_L] for z (B, C, h, w) in the diffusion model's latent scale."""
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE: expected "
+                             f"(B, {self.latent_channels}, h, w); is it the same VAE that encoded the data?")
+        z = z / self.scaling_factor + self.shift_factor  # (B, C, h, w): back to the VAE's own scale
+        if self.vae.post_quant_conv is not None:  # exactly as vae.decode does
+            z = self.vae.post_quant_conv(z)
+        feats = []
+
+        def grab(module, args, out):
+            feats.append(out)
+
+        def stop(module, args):  # runs before the first block whose output no layer uses
+            raise _StopDecoding
+
+        hooks = [b.register_forward_hook(grab) for b in self.taps]
+        hooks.append(self.stop_at.register_forward_pre_hook(stop))
+        try:
+            self.vae.decoder(z)
+        except _StopDecoding:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return feats  # [(B, C_l, H_l, W_l)] for l = 1..L
+
+    def forward(self, z0_hat, z0):
+        """Eq. 3 without δ (the trainer selects the samples): (B,) per-sample loss."""
+        if z0_hat.shape != z0.shape:
+            raise ValueError(f"z0_hat {tuple(z0_hat.shape)} and z0 {tuple(z0.shape)} differ in shape")
+        if z0.shape[0] == 0:  # no sample under the threshold: no decoder work at all
+            return z0_hat.new_zeros(0, dtype=torch.float32)
+        with torch.no_grad():
+            phi = self.features(z0)  # target branch: no graph is built
+        phi_hat = self.features(z0_hat)
+        loss = 0.0
+        for w, f, f_hat in zip(self.layer_weights, phi, phi_hat):  # (B, C_l, H_l, W_l) each
+            rho = self.outlier_mask(f_hat, f)  # (B, C_l, H_l, W_l) bool
+            d = layer_distance(f, f_hat, rho, self.normalization)  # (B, C_l)
+            loss = loss + w * d.mean(1)  # ω_l / C_l Σ_c
+        return loss  # (B,)
+
+    def outlier_mask(self, f_hat, f):
+        """ρ_l: positions that are outliers in neither ϕ̂ (Eq. 3) nor ϕ (the authors' code)."""
+        if not self.outliers:
+            return torch.ones_like(f_hat, dtype=torch.bool)
+        down_f = self.kernel_ref_size / f_hat.shape[-1]
+        return remove_outliers(f_hat, down_f)[0] & remove_outliers(f, down_f)[0]

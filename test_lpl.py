@@ -1,0 +1,285 @@
+"""Tests for lpl.py (and the trainer). CPU only, no network: every VAE here is a tiny random
+AutoencoderKL built in the test, every image a synthetic PNG. Run: python -m pytest -q test_lpl.py"""
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from lpl import (LatentPerceptualLoss, depth_weights, layer_distance, lpl_mask, remove_outliers,
+                 z0_from_prediction)
+
+
+def tiny_vae(blocks=2, latent_channels=4, seed=0, **kw):
+    """A random AutoencoderKL with `blocks` levels of 8 channels (factor 2^(blocks-1))."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8,) * blocks, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, layers_per_block=1,
+                         norm_num_groups=4, latent_channels=latent_channels, **kw).eval()
+
+
+def decode_activations(vae, z_vae):
+    """Block outputs taken independently: hooks on a full, ordinary vae.decode."""
+    acts = []
+    blocks = [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    hooks = [b.register_forward_hook(lambda m, a, o: acts.append(o)) for b in blocks]
+    with torch.no_grad():
+        vae.decode(z_vae)
+    for h in hooks:
+        h.remove()
+    return acts
+
+
+# ---------------------------------------------------------------- Table 1: ẑ0 for each paradigm
+@pytest.mark.parametrize("param", ["eps", "v", "flow"])
+def test_z0_from_true_target_is_exact(param):
+    torch.manual_seed(0)
+    z0, eps = torch.randn(5, 4, 8, 8, dtype=torch.float64), torch.randn(5, 4, 8, 8, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64) * 0.9 + 0.05
+    if param == "flow":  # z_t = (1 − t) z0 + t ε, target ε − z0
+        alpha, sigma = 1 - t, t
+        target = eps - z0
+    else:  # α² + σ² = 1
+        alpha, sigma = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+        a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+        target = eps if param == "eps" else a * eps - s * z0
+    z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(z0_from_prediction(target, z_t, alpha, sigma, param), z0, rtol=0, atol=1e-12)
+
+
+def test_unknown_parameterization_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown parameterization 'x0'"):
+        z0_from_prediction(torch.zeros(1), torch.zeros(1), 1.0, 0.0, "x0")
+
+
+# ---------------------------------------------------------------- δ(σ_t ≤ τ_σ)
+def test_noise_threshold_at_known_alpha_sigma():
+    alpha, sigma = torch.tensor([0.8, 0.6, 0.0, 1.0]), torch.tensor([0.6, 0.8, 1.0, 0.0])  # σ/α = .75, 1.33, ∞, 0
+    assert lpl_mask(alpha, sigma, tau=1.0).tolist() == [True, False, False, True]
+    assert lpl_mask(alpha, sigma, tau=0.5).tolist() == [False, False, False, True]
+    assert lpl_mask(alpha, sigma, tau=0.5, resolution_scale=2.0).tolist() == [True, False, False, True]
+    assert lpl_mask(alpha, sigma, tau=0.7, resolution_scale=2.0).tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        lpl_mask(alpha, sigma, tau=-1.0)
+
+
+# ---------------------------------------------------------------- Algorithm 1
+def test_outliers_gaussian_maps_are_untouched():
+    torch.manual_seed(0)
+    for size in (2, 3, 4, 8, 32, 64):
+        feat = torch.randn(4, 16, size, size)
+        mask, out = remove_outliers(feat)
+        assert mask.shape == feat.shape and mask.dtype == torch.bool
+        assert mask.all(), f"false positives on a Gaussian {size}x{size} map"
+        assert torch.equal(out, feat)
+
+
+def test_outliers_planted_patch_is_masked():
+    torch.manual_seed(0)
+    feat = torch.randn(2, 3, 32, 32)
+    feat[:, 1, 10:14, 20:24] = 100.0  # 16 of 1024 positions, 100x the typical scale
+    mask, out = remove_outliers(feat)
+    assert not mask[:, 1, 10:14, 20:24].any()  # the patch is masked...
+    # ...with a 1-pixel margin: the erosion (3) shrinks it to 2x2, the dilation (5) grows it to 6x6
+    assert not mask[:, 1, 9:15, 19:25].any()
+    keep = torch.ones(32, 32, dtype=torch.bool)
+    keep[9:15, 19:25] = False
+    assert mask[:, 1][:, keep].all()  # and nothing else
+    assert mask[:, [0, 2]].all()  # other channels are untouched
+    assert out[:, 1].abs().max() < 10
+
+
+def test_outliers_tiny_maps_and_even_kernels():
+    torch.manual_seed(0)
+    feat = torch.randn(2, 3, 4, 4)
+    feat[0, 0, 1, 1] = 1e4
+    for opening, closing in [(5, 3), (4, 2), (2, 2), (6, 4), (1, 1)]:
+        for size in (2, 4):
+            mask, _ = remove_outliers(feat[..., :size, :size], opening=opening, closing=closing)
+            assert mask.shape == (2, 3, size, size)
+        mask, _ = remove_outliers(feat, opening=opening, closing=closing, down_f=4)
+        assert mask.shape == feat.shape
+    # with down_f = 8 both kernels are 1: a single-pixel outlier is masked and only it
+    mask, _ = remove_outliers(feat, down_f=8)
+    assert not mask[0, 0, 1, 1] and mask.sum() == mask.numel() - 1
+    # a constant map has std 0 and must not be masked whole
+    assert remove_outliers(torch.ones(1, 1, 4, 4))[0].all()
+
+
+# ---------------------------------------------------------------- Eq. 2: decoder features
+@pytest.mark.parametrize("kw", [{}, dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                                         use_post_quant_conv=False, use_quant_conv=False)])
+def test_features_equal_activations_of_vae_decode(kw):
+    vae = tiny_vae(blocks=3, **kw)
+    lpl = LatentPerceptualLoss(vae)
+    z = torch.randn(2, vae.config.latent_channels, 4, 4)
+    sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    ref = decode_activations(vae, z / sf + shift)  # the diffusion-scale latent, back in VAE scale
+    feats = lpl.features(z)
+    assert len(feats) == 4  # mid block + 3 up blocks
+    for f, r in zip(feats, ref):
+        torch.testing.assert_close(f, r, rtol=0, atol=0)
+    # and the loss runs on a 16-channel VAE with a shift factor
+    z0_hat = (z + 0.1).requires_grad_()
+    loss = lpl(z0_hat, z)
+    assert loss.shape == (2,) and torch.isfinite(loss).all() and (loss > 0).all()
+    loss.sum().backward()
+    assert z0_hat.grad.abs().sum() > 0
+
+
+def test_post_quant_conv_is_applied():
+    vae = tiny_vae(blocks=2)
+    assert vae.post_quant_conv is not None
+    lpl = LatentPerceptualLoss(vae)
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        vae.post_quant_conv.weight.mul_(3.0)  # a post_quant_conv that is not near-identity
+    ref = decode_activations(vae, z / vae.config.scaling_factor)
+    torch.testing.assert_close(lpl.features(z)[0], ref[0], rtol=0, atol=0)
+    skipped = decode_activations(vae, vae.post_quant_conv(z / vae.config.scaling_factor).detach())
+    assert not torch.allclose(lpl.features(z)[0], skipped[0])  # applying it twice would differ
+
+
+def test_decoder_stops_after_last_tapped_block():
+    vae = tiny_vae(blocks=4)
+    calls = []
+    mods = {"up2": vae.decoder.up_blocks[2], "up3": vae.decoder.up_blocks[3], "out": vae.decoder.conv_out}
+    for name, m in mods.items():
+        m.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+    z, zh = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2, requires_grad=True)
+    lpl = LatentPerceptualLoss(vae, num_blocks=2)  # mid + up0
+    calls.clear()
+    lpl(zh, z).sum().backward()
+    assert calls == []
+    LatentPerceptualLoss(vae)(zh, z)  # all 5 taps: every block runs, but not the output conv
+    assert "out" not in calls and "up3" in calls
+
+
+# ---------------------------------------------------------------- Eq. 3: the loss
+def test_loss_of_exact_prediction_is_zero_with_zero_gradient():
+    vae = tiny_vae(blocks=3)
+    z0 = torch.randn(3, 4, 4, 4)
+    for normalization in ("shared", "separate"):
+        z0_hat = z0.clone().requires_grad_()
+        loss = LatentPerceptualLoss(vae, normalization=normalization)(z0_hat, z0)
+        assert torch.equal(loss, torch.zeros(3))
+        loss.sum().backward()
+        assert torch.equal(z0_hat.grad, torch.zeros_like(z0))
+
+
+def test_gradients_reach_prediction_only():
+    vae = tiny_vae(blocks=3)
+    lpl = LatentPerceptualLoss(vae)
+    z0 = torch.randn(2, 4, 4, 4, requires_grad=True)
+    z0_hat = torch.randn(2, 4, 4, 4, requires_grad=True)
+    lpl(z0_hat, z0).sum().backward()
+    assert z0_hat.grad is not None and z0_hat.grad.abs().sum() > 0
+    assert z0.grad is None  # the target branch has no graph
+    assert all(p.grad is None and not p.requires_grad for p in vae.parameters())
+
+
+def test_shared_normalization_uses_prediction_statistics():
+    """Eq. 3 recomputed independently from the hooked activations, per sample and channel."""
+    vae = tiny_vae(blocks=3)
+    lpl = LatentPerceptualLoss(vae, outliers=False)
+    torch.manual_seed(1)
+    z0, z0_hat = torch.randn(2, 4, 4, 4), 3.0 * torch.randn(2, 4, 4, 4)  # very different statistics
+    sf = vae.config.scaling_factor
+    phi, phi_hat = decode_activations(vae, z0 / sf), decode_activations(vae, z0_hat / sf)
+
+    def reference(stats_of):
+        total = torch.zeros(2)
+        for w, f, fh in zip([1.0, 0.5, 0.25, 0.25], phi, phi_hat):
+            for b in range(2):
+                terms = []
+                for c in range(f.shape[1]):
+                    s = (fh if stats_of == "prediction" else f)[b, c]
+                    mu, sd = s.mean(), (s.var(correction=0) + 1e-6).sqrt()
+                    terms.append((((f[b, c] - mu) / sd - (fh[b, c] - mu) / sd) ** 2).mean())
+                total[b] += w * torch.stack(terms).mean()
+        return total
+
+    loss = lpl(z0_hat, z0)
+    torch.testing.assert_close(loss, reference("prediction"), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(loss, reference("target"), rtol=1e-2)  # the test can tell the two apart
+
+
+def test_layer_weights_of_sd_like_vae():
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=4))  # 4 levels like SD: mid, up0..up3
+    assert lpl.layer_weights == [1.0, 0.5, 0.25, 0.125, 0.125]
+    assert LatentPerceptualLoss(tiny_vae(blocks=4), layer_weights="uniform").layer_weights == [1.0] * 5
+    assert LatentPerceptualLoss(tiny_vae(blocks=4), num_blocks=3).layer_weights == [1.0, 0.5, 0.25]
+    assert depth_weights([32, 64, 128, 128]) == [1.0, 0.5, 0.25, 0.25]
+
+
+def test_fully_masked_channel_contributes_zero_not_nan():
+    torch.manual_seed(0)
+    phi, phi_hat = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8, requires_grad=True)
+    rho = torch.ones(2, 3, 8, 8, dtype=torch.bool)
+    rho[:, 1] = False
+    for normalization in ("shared", "separate"):
+        d = layer_distance(phi, phi_hat, rho, normalization)  # (B, C)
+        assert torch.isfinite(d).all() and (d[:, 1] == 0).all() and (d[:, [0, 2]] > 0).all()
+        d.sum().backward()
+        assert torch.isfinite(phi_hat.grad).all() and (phi_hat.grad[:, 1] == 0).all()
+        phi_hat.grad = None
+
+
+def test_outlier_mask_is_used_in_the_loss():
+    vae = tiny_vae(blocks=2)
+    lpl = LatentPerceptualLoss(vae, kernel_ref_size=32)  # 32-wide maps get the full kernels (5, 3)
+    torch.manual_seed(0)
+    f, fh = torch.randn(1, 8, 32, 32), torch.randn(1, 8, 32, 32)
+    f[0, 0, 4:8, 4:8] = 1e3  # an outlier patch in the target only
+    rho = lpl.outlier_mask(fh, f)
+    assert not rho[0, 0, 4:8, 4:8].any() and rho[0, 1:].all()
+    assert layer_distance(f, fh, rho)[0, 0] < 10  # without the mask it would be ~1e5
+    assert layer_distance(f, fh, torch.ones_like(rho))[0, 0] > 1e3
+
+
+def test_bf16_autocast_gives_finite_loss():
+    vae = tiny_vae(blocks=3)
+    lpl = LatentPerceptualLoss(vae)
+    z0 = torch.randn(2, 4, 4, 4)
+    z0_hat = (z0 + 0.5 * torch.randn_like(z0)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lpl(z0_hat, z0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all() and (loss > 0).all()
+    loss.sum().backward()
+    assert torch.isfinite(z0_hat.grad).all()
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradient():
+    z0 = torch.randn(2, 4, 4, 4)
+    results = []
+    for ckpt in (False, True):
+        for n in (2, 4):  # the stop falls inside a checkpointed block (2) or after the last (4)
+            z0_hat = (z0 + 0.3).requires_grad_()
+            loss = LatentPerceptualLoss(tiny_vae(blocks=3), num_blocks=n, grad_checkpointing=ckpt)(z0_hat, z0)
+            loss.sum().backward()
+            results.append((loss.detach(), z0_hat.grad))
+    for (l1, g1), (l2, g2) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(l1, l2)
+        torch.testing.assert_close(g1, g2)
+
+
+def test_empty_batch_costs_nothing():
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    calls = []
+    lpl.vae.decoder.mid_block.register_forward_hook(lambda *a: calls.append(1))
+    out = lpl(torch.zeros(0, 4, 4, 4), torch.zeros(0, 4, 4, 4))
+    assert out.shape == (0,) and calls == []
+
+
+def test_bad_inputs_are_clear_errors():
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    with pytest.raises(ValueError, match=r"expected \(B, 4, h, w\)"):
+        lpl(torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 4))
+    with pytest.raises(ValueError, match="differ in shape"):
+        lpl(torch.zeros(1, 4, 4, 4), torch.zeros(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="num_blocks must be in 1..3"):
+        LatentPerceptualLoss(tiny_vae(blocks=2), num_blocks=5)
+    with pytest.raises(ValueError, match="normalization"):
+        LatentPerceptualLoss(tiny_vae(blocks=2), normalization="batch")
+    with pytest.raises(ValueError, match="layer_weights"):
+        LatentPerceptualLoss(tiny_vae(blocks=2), layer_weights="linear")
