@@ -283,3 +283,130 @@ def test_bad_inputs_are_clear_errors():
         LatentPerceptualLoss(tiny_vae(blocks=2), normalization="batch")
     with pytest.raises(ValueError, match="layer_weights"):
         LatentPerceptualLoss(tiny_vae(blocks=2), layer_weights="linear")
+
+
+# ================================================================ train.py / sample.py end to end
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import sample  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny VAE saved with save_pretrained and 3 classes x 8 synthetic 16x16 PNGs."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("assets")
+    tiny_vae(blocks=2).save_pretrained(root / "vae")
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog", "ship"):
+        (root / "data" / c).mkdir(parents=True)
+        for i in range(8):
+            img = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(img).save(root / "data" / c / f"{i}.png")
+    (root / "empty").mkdir()
+    return root
+
+
+def train_args(assets, run_dir, *extra):
+    return ["--data", str(assets / "data"), "--vae", str(assets / "vae"), "--image-size", "16",
+            "--model", "DiT-T/2", "--batch-size", "8", "--run-dir", str(run_dir), "--log-every", "1",
+            "--sample-every", "1000", *extra]
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in open(run_dir / "log.jsonl")]
+
+
+@pytest.mark.parametrize("paradigm", ["eps", "v", "flow"])
+def test_train_each_paradigm_with_lpl_then_sample(assets, tmp_path, paradigm):
+    run = tmp_path / paradigm
+    train.main(train_args(assets, run, "--paradigm", paradigm, "--steps", "3", "--lpl-weight", "3",
+                          "--lpl-tau", "100", "--sample-every", "3"))
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["loss_lpl"]) and r["loss_lpl"] > 0 and r["lpl_frac"] > 0 for r in log)
+    assert (run / "ckpt.pt").exists() and (run / "samples-0000003.png").exists()
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["args"]["paradigm"] == paradigm and "ema" in ckpt and "opt" in ckpt
+    from PIL import Image
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(out), "--steps", "2"])
+    assert Image.open(out).size == (8 * 18 + 2, 3 * 18 + 2)  # 3 classes x 8, 16 px + 2 px padding
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out-dir", str(tmp_path / "pngs"), "--n", "5",
+                 "--steps", "2", "--classes", "1"])
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+
+
+def test_lpl_off_logs_zero_and_cache_is_reused(assets, tmp_path):
+    train.main(train_args(assets, tmp_path / "a", "--steps", "2"))
+    caches = list(tmp_path.glob("latents-*.pt"))
+    assert len(caches) == 1
+    mtime = caches[0].stat().st_mtime_ns
+    train.main(train_args(assets, tmp_path / "b", "--steps", "1"))
+    assert caches[0].stat().st_mtime_ns == mtime  # same data + VAE: encoded once
+    assert all(r["loss_lpl"] == 0 and r["lpl_frac"] == 0 for r in read_log(tmp_path / "a"))
+    z = torch.load(caches[0])["z"]
+    assert z.shape == (48, 4, 8, 8)  # 24 images x 2 flips
+
+
+def test_resume_continues_exactly(assets, tmp_path):
+    lpl = ["--lpl-weight", "3", "--lpl-tau", "20", "--ckpt-every", "2"]
+    train.main(train_args(assets, tmp_path / "full", "--steps", "4", *lpl))
+    train.main(train_args(assets, tmp_path / "cut", "--steps", "2", *lpl))
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 2
+    train.main(["--resume", str(tmp_path / "cut"), "--steps", "4"])
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert any(r["loss_lpl"] > 0 for r in full[2:])  # LPL is active after the resume
+    for a, b in zip(full, cut):
+        assert (a["loss_diff"], a["loss_lpl"]) == (b["loss_diff"], b["loss_lpl"])
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+def test_init_from_starts_a_new_run_from_weights(assets, tmp_path):
+    train.main(train_args(assets, tmp_path / "pre", "--steps", "2"))
+    train.main(train_args(assets, tmp_path / "post", "--steps", "1", "--init-from",
+                          str(tmp_path / "pre" / "ckpt.pt"), "--lpl-weight", "3", "--lpl-tau", "100"))
+    pre = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=False)
+    post = torch.load(tmp_path / "post" / "ckpt.pt", weights_only=False)
+    assert post["step"] == 1 and post["args"]["init_from"]
+    moved = [not torch.equal(pre["model"][k], post["model"][k]) for k in pre["model"]]
+    assert any(moved)
+    fresh = train.build_model(pre["model_config"]).state_dict()
+    k = "transformer_blocks.0.attn1.to_q.weight"  # post-training started from pre's weights, not afresh
+    assert (post["model"][k] - pre["model"][k]).abs().max() < (post["model"][k] - fresh[k]).abs().max()
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path):
+    with pytest.raises(SystemExit, match="not finite at step"):
+        train.main(train_args(assets, tmp_path / "nan", "--steps", "20", "--lr", "1e20", "--ckpt-every", "1"))
+    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)  # readable, not half-written
+    assert ckpt["step"] >= 1 and not (tmp_path / "nan" / "ckpt.pt.tmp").exists()
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty data", "missing vae", "bad image size",
+                                  "corrupted ckpt", "negative tau"])
+def test_bad_input_is_one_clear_line(assets, tmp_path, case):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    argv = {
+        "missing data": ["train.py", *train_args(assets, tmp_path / "r", "--data", str(tmp_path / "nope"))],
+        "empty data": ["train.py", *train_args(assets, tmp_path / "r", "--data", str(assets / "empty"))],
+        "missing vae": ["train.py", *train_args(assets, tmp_path / "r", "--vae", str(tmp_path / "no-vae"))],
+        "bad image size": ["train.py", *train_args(assets, tmp_path / "r", "--image-size", "15")],
+        "corrupted ckpt": ["sample.py", "--ckpt", str(tmp_path / "bad.pt")],
+        "negative tau": ["train.py", *train_args(assets, tmp_path / "r", "--lpl-tau", "-1")],
+    }[case]
+    expected = {"missing data": "neither 'cifar10' nor an existing folder", "empty data": "no images",
+                "missing vae": "cannot load the VAE", "bad image size": "not a multiple of the VAE's",
+                "corrupted ckpt": "corrupted", "negative tau": "--lpl-tau must be >= 0"}[case]
+    r = run_cli(*argv)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and expected in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1

@@ -1,0 +1,89 @@
+"""Sample a checkpoint of train.py: a grid, a folder of PNGs, or FID against the training images.
+
+    python sample.py --ckpt runs/lpl/ckpt.pt --out grid.png
+    python sample.py --ckpt runs/lpl/ckpt.pt --n 10000 --out-dir samples/lpl --fid
+
+The checkpoint describes itself: paradigm, model, VAE and data come from it. DDIM (eta 0, 50 steps
+as in the paper) for eps and v, Euler for flow; classifier-free guidance with --cfg; EMA weights.
+FID uses torch-fidelity (pip install torch-fidelity): it computes FID and precision/recall from
+two image folders in one call, with the reference Inception weights of the original FID code.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from train import build_model, decode, fail, generate, load_checkpoint, load_vae, pick_device
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", required=True, help="a checkpoint written by train.py")
+    a("--out", default="samples.png", help="the grid PNG (when --out-dir is not given)")
+    a("--out-dir", default=None, help="write --n individual PNGs here instead of a grid")
+    a("--n", type=int, default=None, help="number of samples (grid: 8 per class, at most 80)")
+    a("--classes", type=int, nargs="+", default=None, help="class indices to sample (default: all, in turn)")
+    a("--cfg", type=float, default=1.5, help="guidance scale; 1 = no guidance (the paper: 1.5 at 256 px)")
+    a("--steps", type=int, default=50, help="DDIM / Euler steps")
+    a("--seed", type=int, default=0)
+    a("--batch-size", type=int, default=250)
+    a("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    a("--fid", action="store_true", help="FID, precision and recall of --out-dir against the training images")
+    a("--fid-ref", default=None, help="reference image folder for --fid (default: the run's --data)")
+    a("--vae", default=None, help="override the checkpoint's VAE (e.g. a local copy)")
+    a("--device", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.fid and not args.out_dir:
+        fail("--fid needs --out-dir (and --n) to write the samples it measures")
+    if args.fid:
+        try:
+            import torch_fidelity
+        except ImportError:
+            fail("--fid needs torch-fidelity: pip install torch-fidelity")
+    ckpt = load_checkpoint(args.ckpt)
+    train_args, classes = ckpt["args"], ckpt["classes"]
+    device = pick_device(args.device)
+    model = build_model(ckpt["model_config"]).to(device).eval()
+    model.load_state_dict(ckpt["model"] if args.no_ema else ckpt["ema"])
+    vae = load_vae(args.vae or train_args["vae"], device)
+    K = len(classes)
+    labels = args.classes if args.classes is not None else list(range(K))
+    if any(not 0 <= c < K for c in labels):
+        fail(f"--classes must be in 0..{K - 1} for this checkpoint ({', '.join(classes[:10])}, ...)")
+    n = args.n or (min(8 * len(labels), 80) if args.out_dir is None else 1000)
+    y_all = torch.tensor(labels).repeat_interleave(1 if args.out_dir else 8).repeat(n)[:n]
+    gen = torch.Generator().manual_seed(args.seed)
+    images = []
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+    for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
+        y = y_all[i:i + args.batch_size].to(device)
+        z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen)
+        x = decode(vae, z).cpu()
+        if args.out_dir:
+            for j, img in enumerate(x):
+                save_image(img, os.path.join(args.out_dir, f"{i + j:06d}.png"))
+        else:
+            images.append(x)
+    if not args.out_dir:
+        save_image(torch.cat(images), args.out, nrow=8)
+        print(f"wrote {args.out}: {n} samples at step {ckpt['step']}, cfg {args.cfg}")
+        return
+    print(f"wrote {n} samples to {args.out_dir}")
+    if args.fid:
+        ref = args.fid_ref or (train_args["data"] if train_args["data"] != "cifar10" else "cifar10-train")
+        m = torch_fidelity.calculate_metrics(input1=args.out_dir, input2=ref, fid=True, prc=True,
+                                             samples_find_deep=True, cuda=device.type == "cuda", verbose=False)
+        print(" ".join(f"{k}={v:.4f}" for k, v in m.items()))
+
+
+if __name__ == "__main__":
+    main()
