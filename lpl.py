@@ -6,7 +6,7 @@ Read this file beside Section 3 of the paper; it follows the section top to bott
     ẑ0 from the model output                          Table 1, Section 3.3   z0_from_prediction
     δ(σ_t ≤ τ_σ): LPL only at low noise                Eq. 3, Section 4.1     lpl_mask
     ϕ_l = F^{d,l}(z0), ϕ̂_l = F^{d,l}(ẑ0)               Eq. 2                  LatentPerceptualLoss.features
-    ρ_l: outlier mask                                  Algorithm 1, App. A.3  remove_outliers
+    ρ_l: outlier mask                                  Algorithm 1, App. A.3  detect_outliers
     ϕ', ϕ̂': shared normalization; ω_l = 2^(-r_l)       Section 3.2            layer_distance, depth_weights
     L_LPL = δ Σ_l ω_l/C_l Σ_c ‖ρ ⊙ (ϕ' − ϕ̂')‖²         Eq. 3                  LatentPerceptualLoss.forward
     L_tot = L_Diff + w_LPL · L_LPL                     Section 3.2            (the trainer)
@@ -90,22 +90,29 @@ def remove_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
     down_f shrinks both kernels for maps at a lower resolution than the one they were set for
     (Section 4.1: the kernels cover the same proportion of the image at every resolution).
     """
+    mask = detect_outliers(feat, down_f, opening, closing, quant)
+    return mask, torch.where(mask, feat, 0)
+
+
+def detect_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
+    """The mask of Algorithm 1 alone (the loss needs no masked copy of the features)."""
     opening = _odd(math.ceil(opening / down_f), up=True)  # dilation of the outlier set
     closing = _odd(math.ceil(closing / down_f), up=False)  # erosion of the outlier set
     x = feat.detach().flatten(-2).float()  # (B, C, N)
     N = x.shape[-1]
     k_lo = min(max(int(N * quant), 1), N)
     k_hi = min(max(int(N * (1 - quant)), 1), N)
-    q_lo = x.kthvalue(k_lo, dim=-1, keepdim=True).values  # (B, C, 1): quantile δ_o, nearest
-    q_hi = x.kthvalue(k_hi, dim=-1, keepdim=True).values  # (B, C, 1): quantile 1 − δ_o
+    # The k-th smallest values ("nearest" quantiles): the largest of the k smallest is kthvalue(k),
+    # but topk only selects the few extreme values, unsorted: ~30% faster than kthvalue on CPU.
+    q_lo = x.topk(k_lo, -1, largest=False, sorted=False).values.amax(-1, keepdim=True)  # (B, C, 1): δ_o
+    q_hi = x.topk(N - k_hi + 1, -1, sorted=False).values.amin(-1, keepdim=True)  # (B, C, 1): 1 − δ_o
     m = 2 * x.std(-1, correction=0, keepdim=True)  # (B, C, 1): the offset (population std: N=1 ok)
-    keep = ((q_lo - m <= x) & (x <= q_hi + m)).view(feat.shape).float()  # (B, C, H, W)
-    # Erode the outliers = dilate the kept set: drops outlier specks smaller than the kernel.
-    keep = F.max_pool2d(keep, closing, stride=1, padding=closing // 2)
-    # Dilate the outliers = erode the kept set: a safety margin around each patch that survived.
-    keep = -F.max_pool2d(-keep, opening, stride=1, padding=opening // 2)
-    mask = keep.bool()  # (B, C, H, W)
-    return mask, torch.where(mask, feat, 0)
+    mask = ((q_lo - m <= x) & (x <= q_hi + m)).view(feat.shape)  # (B, C, H, W), True = kept
+    if closing > 1:  # erode the outliers = dilate the kept set: drops specks smaller than the kernel
+        mask = F.max_pool2d(mask.float(), closing, stride=1, padding=closing // 2).bool()
+    if opening > 1:  # dilate the outliers = erode the kept set: a margin around each surviving patch
+        mask = -F.max_pool2d(-mask.float(), opening, stride=1, padding=opening // 2) > 0
+    return mask
 
 
 def _odd(k, up):
@@ -124,14 +131,14 @@ def layer_distance(phi, phi_hat, rho, normalization="shared", eps=1e-6):
     phi, phi_hat = phi.float(), phi_hat.float()  # (B, C, H, W): statistics in fp32 under autocast
     n = rho.sum((2, 3), keepdim=True).clamp(min=1)  # (B, C, 1, 1): kept positions, 0 -> 1
     mu_hat, sd_hat = _masked_moments(phi_hat, rho, n, eps)  # (B, C, 1, 1) each
-    if normalization == "shared":
-        diff = (phi - phi_hat) / sd_hat  # (B, C, H, W) = ϕ' − ϕ̂'
-    elif normalization == "separate":
-        mu, sd = _masked_moments(phi, rho, n, eps)  # ablation of Section 4.3
+    if normalization == "shared":  # ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂: divide once per channel, after the sum
+        sq = torch.where(rho, (phi - phi_hat).square(), 0).sum((2, 3), keepdim=True)  # (B, C, 1, 1)
+        return (sq / (n * sd_hat.square()))[..., 0, 0]  # (B, C)
+    if normalization == "separate":  # ablation of Section 4.3
+        mu, sd = _masked_moments(phi, rho, n, eps)  # (B, C, 1, 1) each
         diff = (phi - mu) / sd - (phi_hat - mu_hat) / sd_hat  # (B, C, H, W)
-    else:
-        raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
-    return torch.where(rho, diff.square(), 0).sum((2, 3)) / n[..., 0, 0]  # (B, C)
+        return torch.where(rho, diff.square(), 0).sum((2, 3)) / n[..., 0, 0]  # (B, C)
+    raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
 
 
 def _masked_moments(x, rho, n, eps):
@@ -233,14 +240,14 @@ class LatentPerceptualLoss(nn.Module):
         phi_hat = self.features(z0_hat)
         loss = 0.0
         for w, f, f_hat in zip(self.layer_weights, phi, phi_hat):  # (B, C_l, H_l, W_l) each
-            rho = self.outlier_mask(f_hat, f)  # (B, C_l, H_l, W_l) bool
+            rho = self.outlier_mask(f)  # (B, C_l, H_l, W_l) bool
             d = layer_distance(f, f_hat, rho, self.normalization)  # (B, C_l)
             loss = loss + w * d.mean(1)  # ω_l / C_l Σ_c
         return loss  # (B,)
 
-    def outlier_mask(self, f_hat, f):
-        """ρ_l: positions that are outliers in neither ϕ̂ (Eq. 3) nor ϕ (the authors' code)."""
+    def outlier_mask(self, f):
+        """ρ_l from the target's features ϕ, as in the authors' code (Eq. 3 writes ρ(ϕ̂)): a mask
+        that depended on the prediction would let the model hide errors behind outliers it makes."""
         if not self.outliers:
-            return torch.ones_like(f_hat, dtype=torch.bool)
-        down_f = self.kernel_ref_size / f_hat.shape[-1]
-        return remove_outliers(f_hat, down_f)[0] & remove_outliers(f, down_f)[0]
+            return torch.ones_like(f, dtype=torch.bool)
+        return detect_outliers(f, down_f=self.kernel_ref_size / f.shape[-1])

@@ -106,6 +106,21 @@ def test_outliers_tiny_maps_and_even_kernels():
     assert remove_outliers(torch.ones(1, 1, 4, 4))[0].all()
 
 
+def test_outlier_thresholds_equal_a_kthvalue_algorithm_1():
+    """With 1x1 kernels the mask is the published thresholding, written here with kthvalue."""
+    torch.manual_seed(0)
+    for size in (2, 5, 16, 40):
+        x = torch.randn(2, 3, size, size) * torch.rand(2, 3, 1, 1) * 5
+        x[0, 1, 0, 0], x[1, 2, -1, -1] = 80.0, -60.0
+        flat, N = x.flatten(-2), size * size
+        k1, k2 = max(int(N * 0.02), 1), max(int(N * 0.98), 1)
+        q1, q2 = flat.kthvalue(k1, -1).values[..., None, None], flat.kthvalue(k2, -1).values[..., None, None]
+        m = 2 * flat.std(-1, correction=0)[..., None, None]
+        expected = (q1 - m <= x) & (x <= q2 + m)
+        assert torch.equal(remove_outliers(x, down_f=1000)[0], expected)
+        assert not expected[0, 1, 0, 0] or size == 2
+
+
 # ---------------------------------------------------------------- Eq. 2: decoder features
 @pytest.mark.parametrize("kw", [{}, dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
                                          use_post_quant_conv=False, use_quant_conv=False)])
@@ -231,8 +246,9 @@ def test_outlier_mask_is_used_in_the_loss():
     torch.manual_seed(0)
     f, fh = torch.randn(1, 8, 32, 32), torch.randn(1, 8, 32, 32)
     f[0, 0, 4:8, 4:8] = 1e3  # an outlier patch in the target only
-    rho = lpl.outlier_mask(fh, f)
+    rho = lpl.outlier_mask(f)  # from the target's features
     assert not rho[0, 0, 4:8, 4:8].any() and rho[0, 1:].all()
+    assert torch.equal(rho, remove_outliers(f)[0])
     assert layer_distance(f, fh, rho)[0, 0] < 10  # without the mask it would be ~1e5
     assert layer_distance(f, fh, torch.ones_like(rho))[0, 0] > 1e3
 
@@ -410,3 +426,14 @@ def test_bad_input_is_one_clear_line(assets, tmp_path, case):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and expected in r.stderr
     assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_bench_runs_and_prints_the_ratios():
+    r = run_cli("bench.py", "--batch-size", "4", "--image-size", "16", "--lpl-fraction", "0.5",
+                "--model", "DiT-T/2", "--reps", "1", "--warmup", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("step-time ratio LPL / baseline", "efficiency (LPL - baseline) / limit",
+                 "memory ratio LPL / baseline", "no sample under threshold / baseline",
+                 "grad checkpointing: memory"):
+        assert line in r.stdout
+    assert "2/4 samples under the threshold" in r.stdout
