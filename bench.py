@@ -87,8 +87,8 @@ def main(argv=None):
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     eps = torch.randn_like(z0)
     z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
-    tau_all, tau_none = 1e9, 0.0  # thresholds selecting what t already selected, or nothing
-    tau_k = (sigma / alpha)[:k].max().item() * 1.0001 if k else 0.0
+    tau_k = (sigma / alpha)[:k].max().item() * 1.0001 if k else 0.0  # selects exactly the first k
+    tau_none = 0.0  # selects nothing: LPL on, but no sample under the threshold
 
     def train_step(tau=None, ckpt=False):
         (vae.enable_gradient_checkpointing if ckpt else vae.disable_gradient_checkpointing)()

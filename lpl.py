@@ -122,7 +122,7 @@ def _odd(k, up):
 # ----------------------------------------------------------------------------------------------
 # Section 3.2, "Normalization" and the inner sum of Eq. 3, for one layer l. Each channel is
 # standardised to zero mean, unit variance over space with the statistics of the *prediction's*
-# features ϕ̂ (over non-outlier positions), applied to both ϕ and ϕ̂: with separate statistics a
+# features ϕ̂ (over the positions ρ keeps), applied to both ϕ and ϕ̂: with separate statistics a
 # correct prediction can still receive gradients. With shared statistics the mean cancels in
 # ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only σ̂ is needed. The squared error is averaged over the kept positions.
 # ----------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def main(argv=None):
     if any(not 0 <= c < K for c in labels):
         fail(f"--classes must be in 0..{K - 1} for this checkpoint ({', '.join(classes[:10])}, ...)")
     n = args.n or (min(8 * len(labels), 80) if args.out_dir is None else 1000)
-    y_all = torch.tensor(labels).repeat_interleave(1 if args.out_dir else 8).repeat(n)[:n]
+    per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else 8)  # grid: a row per class
+    y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
     images = []
     if args.out_dir:

@@ -13,6 +13,7 @@ t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t,
 """
 import argparse
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -246,7 +247,7 @@ def main(argv=None):
     os.makedirs(args.run_dir, exist_ok=True)
     vae = load_vae(args.vae, device)
     data, cache = encode_dataset(args, vae, device)
-    z_all, y_all = data["z"], data["y"]
+    z_all, y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
     N, num_classes, latent_shape = len(z_all), len(data["classes"]), tuple(z_all.shape[1:])
     if N < args.batch_size:
         fail(f"the dataset has {N} latents (images x 2 flips), fewer than --batch-size {args.batch_size}")
@@ -288,11 +289,14 @@ def main(argv=None):
                          latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
                              torch.cuda.get_rng_state() if device.type == "cuda" else None))), path)
 
-    def batch_indices(step):  # data order is a function of the step alone: exact on --resume
+    @functools.lru_cache(maxsize=1)
+    def epoch_order(epoch):  # one permutation per epoch, seeded by it: data order depends on the step only
+        return torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
+
+    def batch_indices(step):  # exact on --resume
         per_epoch = N // args.batch_size
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 1000 + step // per_epoch))
         i = step % per_epoch
-        return perm[i * args.batch_size:(i + 1) * args.batch_size]
+        return epoch_order(step // per_epoch)[i * args.batch_size:(i + 1) * args.batch_size]
 
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
           f"{latent_shape} from {cache}, {args.paradigm}, LPL weight {args.lpl_weight}, device {device}")
@@ -302,7 +306,7 @@ def main(argv=None):
     model.train()
     while step < args.steps:
         idx = batch_indices(step)
-        z0, y = z_all[idx].to(device).float(), y_all[idx].to(device)
+        z0, y = z_all[idx].float(), y_all[idx]
         B = len(z0)
         alpha, sigma, t_model = sample_t(args.paradigm, B, device, sched)
         eps = torch.randn_like(z0)
@@ -315,12 +319,12 @@ def main(argv=None):
             loss_lpl, m = torch.zeros((), device=device), None
             if lpl is not None:
                 m = lpl_mask(alpha, sigma, args.lpl_tau, res_scale)  # (B,) bool
-                if m.any():  # E[δ·L] over the batch: the per-sample losses of the selected, summed, / B
+                if m.any():  # (a sync, to skip decoding) E[δ·L]: the selected samples' losses, summed, / B
                     z0_hat = z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm)
                     loss_lpl = lpl(z0_hat, z0[m]).sum() / B
             loss = loss_diff + args.lpl_weight * loss_lpl
         frac = m.float().mean() if m is not None else torch.zeros((), device=device)
-        l_diff, l_lpl, frac = torch.stack([loss_diff, loss_lpl, frac]).tolist()  # one sync per step
+        l_diff, l_lpl, frac = torch.stack([loss_diff, loss_lpl, frac]).tolist()  # one sync for logging
         if not math.isfinite(l_diff + l_lpl):
             fail(f"the loss is not finite at step {step + 1}; stopped before any update, the last good "
                  f"checkpoint is kept in {args.run_dir} (try a lower --lr or --lpl-weight)")
