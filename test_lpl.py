@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from lpl import (LatentPerceptualLoss, depth_weights, layer_distance, lpl_mask, remove_outliers,
+from lpl import (LatentPerceptualLoss, depth_weights, kth_smallest, layer_distance, lpl_mask, remove_outliers,
                  z0_from_prediction)
 
 
@@ -121,6 +121,20 @@ def test_outlier_thresholds_equal_a_kthvalue_algorithm_1():
         assert not expected[0, 1, 0, 0] or size == 2
 
 
+
+def test_kth_smallest_equals_kthvalue():
+    """The group pre-selection must not change the quantile: ties, both tails, every N % 8, and
+    channels-last maps (how diffusers' decoders return their features)."""
+    torch.manual_seed(0)
+    for N in (1, 7, 8, 49, 64, 100, 256, 1024):
+        for k in sorted({1, max(int(N * 0.02), 1), (N + 1) // 2, max(int(N * 0.98), 1), N}):
+            for x in (torch.randn(2, 3, N), torch.randint(0, 4, (2, 3, N)).float()):  # ties
+                assert torch.equal(kth_smallest(x, k), x.kthvalue(k, -1, keepdim=True).values), (N, k)
+    x = torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last).flatten(-2)
+    assert torch.equal(kth_smallest(x, 1003), x.kthvalue(1003, -1, keepdim=True).values)
+    mask = remove_outliers(x.unflatten(-1, (32, 32)), down_f=1000)[0]
+    assert torch.equal(mask, remove_outliers(x.unflatten(-1, (32, 32)).contiguous(), down_f=1000)[0])
+
 # ---------------------------------------------------------------- Eq. 2: decoder features
 @pytest.mark.parametrize("kw", [{}, dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
                                          use_post_quant_conv=False, use_quant_conv=False)])
@@ -218,6 +232,30 @@ def test_shared_normalization_uses_prediction_statistics():
     torch.testing.assert_close(loss, reference("prediction"), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(loss, reference("target"), rtol=1e-2)  # the test can tell the two apart
 
+
+
+@pytest.mark.parametrize("normalization", ["shared", "separate"])
+def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalization):
+    """Per (sample, channel): standardise the kept positions (boolean indexing, nothing detached),
+    take the mean squared difference; value and gradient must match, on channels-last maps too."""
+    torch.manual_seed(0)
+    phi = torch.randn(2, 3, 6, 6) * 4 + 1
+    phi_hat = (phi + torch.randn_like(phi)).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rho = torch.rand(2, 3, 6, 6) > 0.2
+    ref = torch.zeros(2, 3)
+    for b in range(2):
+        for c in range(3):
+            f, fh = phi[b, c][rho[b, c]], phi_hat[b, c][rho[b, c]]
+
+            def standardise(x, s):
+                return (x - s.mean()) / (s.var(correction=0) + 1e-6).sqrt()
+            stats = fh if normalization == "shared" else f
+            ref[b, c] = ((standardise(f, stats) - standardise(fh, fh)) ** 2).mean()
+    (g_ref,) = torch.autograd.grad(ref.sum(), phi_hat)
+    d = layer_distance(phi, phi_hat, rho, normalization)
+    (g,) = torch.autograd.grad(d.sum(), phi_hat)
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
 
 def test_layer_weights_of_sd_like_vae():
     lpl = LatentPerceptualLoss(tiny_vae(blocks=4))  # 4 levels like SD: mid, up0..up3
