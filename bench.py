@@ -17,9 +17,11 @@ registry. After warm-up it runs, interleaved, --reps rounds of:
          distance (forward + backward);
 and prints medians and ratios. Peak memory: CUDA's max_memory_allocated (the whole step: weights,
 optimizer state, activations); on CPU, the rise of the process's peak resident memory (VmHWM)
-over the step, with the peak reset before each step.
+over the step, with the peak reset before each step. CPU timings keep freed memory in the process
+(keep_freed_memory; --default-malloc turns that off), as CUDA's caching allocator does.
 """
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -53,7 +55,9 @@ def get_args(argv=None):
       help="share of the batch under the threshold; default: what train.py's default τ gives for eps")
     a("--grad-checkpointing", action="store_true", help="checkpoint the decoder in the headline LPL step")
     a("--warmup", type=int, default=2)
-    a("--reps", type=int, default=7)
+    a("--reps", type=int, default=11)
+    a("--default-malloc", action="store_true",
+      help="CPU: leave glibc's malloc returning freed memory to the OS (see keep_freed_memory)")
     a("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child process
     return p.parse_args(argv)
 
@@ -150,6 +154,7 @@ def main(argv=None):
             runs[n]()
         print(json.dumps({n: peak_memory(runs[n], device) for n in ("base", "lpl", "ckpt")}))
         return
+    kept = device.type == "cpu" and not args.default_malloc and keep_freed_memory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {name: [] for name in runs}
     for rep in range(args.warmup + args.reps):
@@ -174,7 +179,8 @@ def main(argv=None):
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else torch.get_num_threads()} "
           f"{'' if device.type == 'cuda' else 'threads'}), {args.dtype}, {name}, {args.model}, batch {B}, "
           f"{args.image_size} px -> {h}x{h} latents, {n_taps} decoder blocks tapped, "
-          f"{k}/{B} samples under the threshold ({args.lpl_fraction:.2f}), median of {args.reps}")
+          f"{k}/{B} samples under the threshold ({args.lpl_fraction:.2f}), median of {args.reps}"
+          + (", freed memory kept (see keep_freed_memory)" if kept else ""))
     for n in runs:
         print(f"  {n:9s} {med[n] * 1e3:9.1f} ms" + (f"   {mem[n]:8.0f} {unit}" if n in mem else ""))
     ck, nck = ("lpl", "ckpt") if args.grad_checkpointing else ("ckpt", "lpl")
@@ -187,6 +193,23 @@ def main(argv=None):
     print(f"share of LPL time: normalization+distance {med['distance'] / (med['lpl'] - med['base']):.3f} "
           f"of the added time, {med['distance'] / med['lpl']:.3f} of the step")
     print(f"grad checkpointing: memory x{mem[ck] / mem[nck]:.3f}, step time x{med[ck] / med[nck]:.3f}")
+
+
+def keep_freed_memory():
+    """Stop glibc from handing freed memory back to the OS (Linux CPU timing runs only).
+
+    By default glibc unmaps large freed blocks and trims the heap, so a step whose peak exceeds
+    what the allocator kept refaults those pages, ~6 µs per 4 KiB on the VM we measured on; that
+    charges the allocator's policy to whichever step uses more memory. Keeping freed memory, as
+    PyTorch's CUDA caching allocator does (and jemalloc or tcmalloc, which PyTorch's performance
+    tuning guide suggests for CPU training), makes the timings measure compute. Returns whether
+    it could be set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def peak_memory(fn, device):
