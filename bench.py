@@ -83,6 +83,9 @@ def main(argv=None):
         abar = sched.alphas_cumprod
         args.lpl_fraction = lpl_mask(abar.sqrt(), (1 - abar).sqrt(), 4.0, h / 64).float().mean().item()
     k = round(args.lpl_fraction * B)
+    if not 1 <= k <= B:  # the limit, and so the efficiency, needs at least one sample under τ
+        sys.exit(f"bench.py: error: --lpl-fraction {args.lpl_fraction:.3f} puts {k} of {B} samples under the "
+                 f"threshold; it must select 1 to {B}: raise --lpl-fraction or --batch-size")
     z0 = torch.randn(B, C, h, h, device=device)
     y = torch.randint(0, 1000, (B,), device=device)
     t = torch.full((B,), 900, device=device)  # the first k samples at low noise, the rest high

@@ -120,12 +120,12 @@ def detect_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
 def kth_smallest(x, k):
     """x (R..., N) -> (R..., 1): the k-th smallest value along the last dim, = x.kthvalue(k, -1).
 
-    Selection costs O(N) per row, so the rows are shrunk first. Partition each row into N/g groups
-    of g: the k smallest values all lie in the k groups with the smallest minima (a value among the
-    k smallest that is not its group's minimum has that minimum below it, so that minimum is among
-    the k smallest too). Selecting among those k·g candidates gives the same value and sorts
-    through about N/g + k·g elements instead of N; g = 8 suits k ≈ 2% of N (√(N/k) ≈ 7). Group j
-    holds positions j, j + N/g, ..., j + (g − 1)·N/g.
+    A selection (topk) works through every element of its row, so the rows are shrunk first.
+    Partition each row into N/g groups of g: the k smallest values all lie in the k groups with the
+    smallest minima (a value among the k smallest that is not its group's minimum has that minimum
+    below it, so that minimum is among the k smallest too). Selecting among those k·g candidates
+    gives the same value and works through about N/g + k·g elements instead of N; g = 8 suits
+    k ≈ 2% of N (√(N/k) ≈ 7). Group j holds positions j, j + N/g, ..., j + (g − 1)·N/g.
     """
     N, g = x.shape[-1], 8
     if k <= N - k + 1:  # the low tail: select the k smallest

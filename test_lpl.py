@@ -475,3 +475,7 @@ def test_bench_runs_and_prints_the_ratios():
                  "grad checkpointing: memory"):
         assert line in r.stdout
     assert "2/4 samples under the threshold" in r.stdout
+    r = run_cli("bench.py", "--batch-size", "4", "--image-size", "16", "--lpl-fraction", "0.1", "--model", "DiT-T/2")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("bench.py: error: --lpl-fraction 0.100 puts 0 of 4 samples under the threshold; "
+                                "it must select 1 to 4: raise --lpl-fraction or --batch-size")
