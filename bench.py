@@ -94,7 +94,7 @@ def main(argv=None):
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     eps = torch.randn_like(z0)
     z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
-    tau_k = (sigma / alpha)[:k].max().item() * 1.0001 if k else 0.0  # selects exactly the first k
+    tau_k = (sigma / alpha)[:k].max().item() * 1.0001  # selects exactly the first k
     tau_none = 0.0  # selects nothing: LPL on, but no sample under the threshold
 
     def train_step(tau=None, ckpt=False):
@@ -134,8 +134,8 @@ def main(argv=None):
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     with torch.no_grad(), amp:  # features of one LPL call, to time the loss itself
-        phi = [x.float() for x in lpl.features(z_sel)] if k else []
-        phi_hat = [x.float() for x in lpl.features(z_hat_sel.detach())] if k else []
+        phi = [x.float() for x in lpl.features(z_sel)]
+        phi_hat = [x.float() for x in lpl.features(z_hat_sel.detach())]
     phi_hat = [x.requires_grad_() for x in phi_hat]
     masks = [lpl.outlier_mask(f) for f in phi]
 
@@ -145,8 +145,7 @@ def main(argv=None):
 
     def distance():
         d = sum(w * layer_distance(f, fh, r).mean(1) for w, f, fh, r in zip(lpl.layer_weights, phi, phi_hat, masks))
-        if k:
-            d.sum().backward()
+        d.sum().backward()
 
     runs = {"base": train_step, "lpl": lambda: train_step(tau_k, ckpt=args.grad_checkpointing),
             "lpl0": lambda: train_step(tau_none), "limit": limit,

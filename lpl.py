@@ -99,7 +99,7 @@ def detect_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
     """The mask of Algorithm 1 alone (the loss needs no masked copy of the features)."""
     opening = _odd(math.ceil(opening / down_f), up=True)  # dilation of the outlier set
     closing = _odd(math.ceil(closing / down_f), up=False)  # erosion of the outlier set
-    x = feat.detach().float().flatten(-2)  # (B, C, N), a view in feat's memory format
+    x = feat.detach().float().flatten(-2)  # (B, C, N), in feat's memory format (channels-last or not)
     N = x.shape[-1]
     k_lo = min(max(int(N * quant), 1), N)
     k_hi = min(max(int(N * (1 - quant)), 1), N)
