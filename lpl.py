@@ -36,14 +36,19 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
     """ẑ0 from the model output D = D(z_t, t; Θ); alpha_t, sigma_t are scalars or (B,).
 
     eps  (DDPM-ε):  D ≈ ε                ẑ0 = (z_t − σ_t D) / α_t
-    v    (DDPM-v):  D ≈ α_t ε − σ_t z0   ẑ0 = α_t z_t − σ_t D          (needs α_t² + σ_t² = 1)
+    v    (DDPM-v):  D ≈ α_t ε − σ_t z0   ẑ0 = (α_t z_t − σ_t D) / (α_t² + σ_t²)
     flow (Flow-OT): D ≈ ε − z0           ẑ0 = z_t − σ_t D              (α_t = 1 − t, σ_t = t)
+
+    Table 1 writes v as α_t z_t − σ_t D, which assumes α_t² + σ_t² = 1 (variance preserving); the
+    division makes it exact for any α_t, σ_t (α z_t − σ v = (α² + σ²) z0) at no cost.
     """
     a, s = _per_sample(alpha_t, z_t), _per_sample(sigma_t, z_t)  # (B, 1, 1, 1) or scalars
     if parameterization == "eps":
+        if (torch.as_tensor(alpha_t) == 0).any():  # pure noise: z_t holds nothing of z0
+            raise ValueError("ẑ0 is undefined for eps at α_t = 0 (pure noise); select samples with lpl_mask first")
         return (z_t - s * pred) / a
     if parameterization == "v":
-        return a * z_t - s * pred
+        return (a * z_t - s * pred) / (a * a + s * s)
     if parameterization == "flow":
         return z_t - s * pred
     raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
@@ -61,13 +66,15 @@ def _per_sample(x, ref):
 # (the SD3 shift multiplies σ/α by that factor, so scaling τ_σ by it keeps the same samples in).
 # ----------------------------------------------------------------------------------------------
 def lpl_mask(alpha_t, sigma_t, tau, resolution_scale=1.0):
-    """(B,) bool: which samples get LPL. resolution_scale = resolution / the resolution τ was tuned at."""
-    if not tau >= 0:
-        raise ValueError(f"the LPL noise threshold tau must be >= 0, got {tau}")
+    """(B,) bool: which samples get LPL. tau is a number or (B,); resolution_scale = resolution /
+    the resolution τ was tuned at."""
+    tau = torch.as_tensor(tau)
+    if tau.isnan().any() or (tau < 0).any():
+        raise ValueError(f"the LPL noise threshold tau must be >= 0, got {tau.tolist()}")
     if not resolution_scale > 0:
         raise ValueError(f"resolution_scale must be > 0, got {resolution_scale}")
     alpha_t, sigma_t = torch.as_tensor(alpha_t), torch.as_tensor(sigma_t)
-    return sigma_t <= tau * resolution_scale * alpha_t  # σ/α ≤ τ without dividing by α = 0 (zero SNR)
+    return sigma_t <= tau.to(alpha_t.device) * resolution_scale * alpha_t  # σ/α ≤ τ, no division by α = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,17 +156,24 @@ def _odd(k, up):
 
 # ----------------------------------------------------------------------------------------------
 # Section 3.2, "Normalization" and the inner sum of Eq. 3, for one layer l. Each channel is
-# standardised to zero mean, unit variance over space with the statistics of the *prediction's*
-# features ϕ̂ (over the positions ρ keeps), applied to both ϕ and ϕ̂: with separate statistics a
-# correct prediction can still receive gradients. With shared statistics the mean cancels in
-# ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only σ̂ is needed. The squared error is averaged over the kept positions.
+# standardised to zero mean, unit variance over space ("the features in every channel in every layer
+# are zero mean and have unit variance") with the statistics of the *prediction's* features ϕ̂ (over
+# the positions ρ keeps), applied to both ϕ and ϕ̂: with separate statistics a correct prediction can
+# still receive gradients. With shared statistics the mean cancels in ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only
+# σ̂ is needed. The squared error is averaged over the kept positions.
+# σ̂ is a function of ϕ̂, so as written the gradient also flows through it, and the loss can fall by
+# widening ϕ̂'s spread as well as by moving ϕ̂ towards ϕ. The paper does not say whether σ̂ is a
+# constant; the authors' code normalises by the target's norm, which carries no gradient.
+# detach_sigma=True makes σ̂ a constant, for that ablation.
 # ----------------------------------------------------------------------------------------------
-def layer_distance(phi, phi_hat, rho, normalization="shared", eps=1e-6):
+def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=False, eps=1e-6):
     """Per-channel Eq. 3 term ‖ρ ⊙ (ϕ' − ϕ̂')‖² / |ρ| for ϕ, ϕ̂ (B, C, H, W), rho bool -> (B, C)."""
     phi, phi_hat = phi.float().flatten(2), phi_hat.float().flatten(2)  # (B, C, N): fp32 under autocast
     rho = rho.flatten(2).float()  # (B, C, N): 1 = kept, 0 = outlier
     n = rho.sum(-1).clamp(min=1)  # (B, C): kept positions, 0 -> 1
     mu_hat, var_hat = _masked_moments(phi_hat, rho, n, eps)  # (B, C, 1), (B, C)
+    if detach_sigma:
+        var_hat = var_hat.detach()
     if normalization == "shared":  # ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂: divide once per channel, after the sum
         return (rho * (phi - phi_hat)).square().sum(-1) / (n * var_hat)  # (B, C)
     if normalization == "separate":  # ablation of Section 4.3
@@ -200,28 +214,36 @@ class LatentPerceptualLoss(nn.Module):
 
     num_blocks:      decoder blocks tapped, mid block first (Fig. 7); None = all (5 for SD VAEs).
     normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3).
+    detach_sigma:    treat the shared σ̂ as a constant (no gradient through the statistics).
     layer_weights:   "pow2" (ω_l = 2^(−r_l), the paper's) | "uniform" (Section 4.3).
     outliers:        mask outliers with Algorithm 1 (the paper's default) or not.
     kernel_ref_size: map width at which Algorithm 1's kernels (5, 3) apply as they are; narrower
                      maps get proportionally smaller kernels (Section 4.1). 512: the paper's images.
-    grad_checkpointing: recompute the decoder blocks in backward instead of storing activations.
+    grad_checkpointing: recompute the decoder blocks in backward instead of storing activations
+                     (diffusers >= 0.32; earlier versions checkpoint only in training mode, which
+                     the frozen VAE is not, and would silently store everything).
+
+    The VAE is used in its own dtype: an fp32 VAE (the authors' choice; fp16 SD decoders overflow)
+    or a bf16 one under autocast. It is held by reference, not registered as a submodule, so the
+    loss has no state of its own (empty state_dict) and lpl.train() leaves the frozen VAE in eval.
     """
 
-    def __init__(self, vae, num_blocks=None, normalization="shared", layer_weights="pow2",
+    def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=False, layer_weights="pow2",
                  outliers=True, kernel_ref_size=512, grad_checkpointing=False):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)  # frozen: gradients reach ẑ0, never the VAE
+        self.__dict__["vae"] = vae.eval().requires_grad_(False)  # frozen: gradients reach ẑ0, never the VAE
         dec = vae.decoder
         blocks = [dec.mid_block, *dec.up_blocks]  # F^{d,l}, l = 1..L: each block's output (Eq. 2)
         n = len(blocks) if num_blocks is None else num_blocks
         if not 1 <= n <= len(blocks):
             raise ValueError(f"num_blocks must be in 1..{len(blocks)} for this VAE (mid block + "
                              f"{len(blocks) - 1} up blocks), got {num_blocks}")
-        self.taps = blocks[:n]
-        self.stop_at = dec.up_blocks[n - 1] if n < len(blocks) else dec.conv_norm_out  # next module
+        self.__dict__["taps"] = blocks[:n]
+        self.__dict__["stop_at"] = dec.up_blocks[n - 1] if n < len(blocks) else dec.conv_norm_out  # next module
         if normalization not in ("shared", "separate"):
             raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
-        self.normalization, self.outliers, self.kernel_ref_size = normalization, outliers, kernel_ref_size
+        self.normalization, self.detach_sigma = normalization, detach_sigma
+        self.outliers, self.kernel_ref_size = outliers, kernel_ref_size
         if grad_checkpointing:
             vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
         self.latent_channels = vae.config.latent_channels
@@ -237,9 +259,14 @@ class LatentPerceptualLoss(nn.Module):
         if z.dim() != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE: expected "
                              f"(B, {self.latent_channels}, h, w); is it the same VAE that encoded the data?")
-        z = z / self.scaling_factor + self.shift_factor  # (B, C, h, w): back to the VAE's own scale
-        if self.vae.post_quant_conv is not None:  # exactly as vae.decode does
-            z = self.vae.post_quant_conv(z)
+        if min(z.shape[-2:]) < 2:  # a 1x1 map has no spatial variance: σ̂ = √eps would blow the loss up
+            raise ValueError(f"latent of shape {tuple(z.shape)} is too small: the per-channel "
+                             f"standardisation (Section 3.2) needs maps of at least 2x2")
+        vae = self.vae
+        z = z.to(next(vae.parameters()).dtype)  # (B, C, h, w) in the VAE's dtype (fp16/bf16/fp64 in)
+        z = z / self.scaling_factor + self.shift_factor  # back to the VAE's own scale
+        if vae.post_quant_conv is not None:  # exactly as vae.decode does
+            z = vae.post_quant_conv(z)
         feats = []
 
         def grab(module, args, out):
@@ -251,7 +278,7 @@ class LatentPerceptualLoss(nn.Module):
         hooks = [b.register_forward_hook(grab) for b in self.taps]
         hooks.append(self.stop_at.register_forward_pre_hook(stop))
         try:
-            self.vae.decoder(z)
+            vae.decoder(z)
         except _StopDecoding:
             pass
         finally:
@@ -271,7 +298,7 @@ class LatentPerceptualLoss(nn.Module):
         loss = 0.0
         for w, f, f_hat in zip(self.layer_weights, phi, phi_hat):  # (B, C_l, H_l, W_l) each
             rho = self.outlier_mask(f)  # (B, C_l, H_l, W_l) bool
-            d = layer_distance(f, f_hat, rho, self.normalization)  # (B, C_l)
+            d = layer_distance(f, f_hat, rho, self.normalization, self.detach_sigma)  # (B, C_l)
             loss = loss + w * d.mean(1)  # ω_l / C_l Σ_c
         return loss  # (B,)
 

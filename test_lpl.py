@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from lpl import (LatentPerceptualLoss, depth_weights, kth_smallest, layer_distance, lpl_mask, remove_outliers,
@@ -47,6 +48,23 @@ def test_z0_from_true_target_is_exact(param):
     torch.testing.assert_close(z0_from_prediction(target, z_t, alpha, sigma, param), z0, rtol=0, atol=1e-12)
 
 
+def test_v_prediction_is_exact_off_the_variance_preserving_circle():
+    """(α z_t − σ v) / (α² + σ²) = z0 for any α, σ; Table 1's α z_t − σ v only when α² + σ² = 1."""
+    torch.manual_seed(0)
+    z0, eps = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    alpha, sigma = torch.tensor([0.9, 0.5, 1.2], dtype=torch.float64), torch.tensor([0.2, 0.7, 0.4], dtype=torch.float64)
+    a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    z_t, v = a * z0 + s * eps, a * eps - s * z0
+    torch.testing.assert_close(z0_from_prediction(v, z_t, alpha, sigma, "v"), z0, rtol=0, atol=1e-12)
+    assert not torch.allclose(a * z_t - s * v, z0)  # the unnormalised formula is off here
+
+
+def test_eps_at_zero_alpha_is_a_clear_error():
+    with pytest.raises(ValueError, match="undefined for eps at α_t = 0"):
+        z0_from_prediction(torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0.5, 0.0]), torch.tensor([0.8, 1.0]), "eps")
+    assert torch.isfinite(z0_from_prediction(torch.zeros(1), torch.ones(1), 0.0, 1.0, "flow")).all()
+
+
 def test_unknown_parameterization_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown parameterization 'x0'"):
         z0_from_prediction(torch.zeros(1), torch.zeros(1), 1.0, 0.0, "x0")
@@ -61,6 +79,10 @@ def test_noise_threshold_at_known_alpha_sigma():
     assert lpl_mask(alpha, sigma, tau=0.7, resolution_scale=2.0).tolist() == [True, True, False, True]
     with pytest.raises(ValueError, match="tau must be >= 0"):
         lpl_mask(alpha, sigma, tau=-1.0)
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        lpl_mask(alpha, sigma, tau=float("nan"))
+    # a per-sample τ (B,): each sample against its own threshold
+    assert lpl_mask(alpha, sigma, tau=torch.tensor([1.0, 2.0, 1e9, 0.0])).tolist() == [True, True, False, True]
 
 
 # ---------------------------------------------------------------- Algorithm 1
@@ -234,10 +256,11 @@ def test_shared_normalization_uses_prediction_statistics():
 
 
 
+@pytest.mark.parametrize("detach_sigma", [False, True])
 @pytest.mark.parametrize("normalization", ["shared", "separate"])
-def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalization):
-    """Per (sample, channel): standardise the kept positions (boolean indexing, nothing detached),
-    take the mean squared difference; value and gradient must match, on channels-last maps too."""
+def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalization, detach_sigma):
+    """Per (sample, channel): standardise the kept positions (boolean indexing; only σ̂ detached when
+    asked), take the mean squared difference; value and gradient must match, on channels-last maps."""
     torch.manual_seed(0)
     phi = torch.randn(2, 3, 6, 6) * 4 + 1
     phi_hat = (phi + torch.randn_like(phi)).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -248,11 +271,12 @@ def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalizat
             f, fh = phi[b, c][rho[b, c]], phi_hat[b, c][rho[b, c]]
 
             def standardise(x, s):
-                return (x - s.mean()) / (s.var(correction=0) + 1e-6).sqrt()
+                var = s.var(correction=0)
+                return (x - s.mean()) / ((var.detach() if detach_sigma else var) + 1e-6).sqrt()
             stats = fh if normalization == "shared" else f
             ref[b, c] = ((standardise(f, stats) - standardise(fh, fh)) ** 2).mean()
     (g_ref,) = torch.autograd.grad(ref.sum(), phi_hat)
-    d = layer_distance(phi, phi_hat, rho, normalization)
+    d = layer_distance(phi, phi_hat, rho, normalization, detach_sigma)
     (g,) = torch.autograd.grad(d.sum(), phi_hat)
     torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
@@ -303,6 +327,74 @@ def test_bf16_autocast_gives_finite_loss():
     assert torch.isfinite(z0_hat.grad).all()
 
 
+def test_detach_sigma_changes_the_gradient_not_the_value():
+    vae = tiny_vae(blocks=3)
+    z0 = torch.randn(2, 4, 4, 4)
+    grads, values = [], []
+    for detach in (False, True):
+        z0_hat = (z0 + 0.5 * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        loss = LatentPerceptualLoss(vae, detach_sigma=detach)(z0_hat, z0)
+        loss.sum().backward()
+        values.append(loss.detach()), grads.append(z0_hat.grad)
+    torch.testing.assert_close(values[0], values[1])
+    cos = F.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)
+    assert cos < 0.9999  # σ̂'s own gradient is there by default and gone when detached
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_vae_in_another_dtype_without_autocast(dtype):
+    """Latents are cast to the VAE's dtype (fp32 latents into an fp16 VAE crashed before)."""
+    vae = tiny_vae(blocks=3)
+    ref_lpl = LatentPerceptualLoss(vae)
+    z0 = torch.randn(2, 4, 4, 4)
+    z0_hat = (z0 + 0.5 * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    ref = ref_lpl(z0_hat, z0).detach()
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=3).to(dtype))
+    loss = lpl(z0_hat, z0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert z0_hat.grad.dtype == torch.float32 and torch.isfinite(z0_hat.grad).all() and z0_hat.grad.abs().sum() > 0
+    torch.testing.assert_close(loss.detach(), ref, rtol=0.1 if dtype != torch.float64 else 1e-5, atol=1e-3)
+    lpl64 = LatentPerceptualLoss(vae)  # fp64 latents into the fp32 VAE
+    assert torch.isfinite(lpl64(z0_hat.detach().double(), z0.double())).all()
+
+
+def test_loss_holds_no_state_and_keeps_the_vae_frozen():
+    vae = tiny_vae(blocks=2)
+    lpl = LatentPerceptualLoss(vae)
+    assert lpl.state_dict() == {} and list(lpl.parameters()) == [] and list(lpl.children()) == []
+    lpl.train()
+    assert not vae.training and not any(m.training for m in vae.modules())
+    assert all(not p.requires_grad for p in vae.parameters())
+    assert lpl.vae is vae  # still reachable by reference
+
+
+def saved_bytes(fn):
+    """Bytes autograd stores for backward while fn runs (outside checkpointed regions)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
+
+
+def test_gradient_checkpointing_stores_less():
+    """diffusers < 0.32 checkpoints only in training mode, which the frozen VAE never is: there this
+    test fails, because the same activations are stored with and without checkpointing."""
+    z0 = torch.randn(2, 4, 8, 8)
+    sizes = []
+    for ckpt in (False, True):
+        lpl = LatentPerceptualLoss(tiny_vae(blocks=3), grad_checkpointing=ckpt)
+        z0_hat = (z0 + 0.3).requires_grad_()
+        n, loss = saved_bytes(lambda: lpl(z0_hat, z0))
+        loss.sum().backward()
+        sizes.append(n)
+    assert sizes[1] < 0.6 * sizes[0], sizes
+
+
 def test_gradient_checkpointing_gives_same_loss_and_gradient():
     z0 = torch.randn(2, 4, 4, 4)
     results = []
@@ -331,6 +423,8 @@ def test_bad_inputs_are_clear_errors():
         lpl(torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 4))
     with pytest.raises(ValueError, match="differ in shape"):
         lpl(torch.zeros(1, 4, 4, 4), torch.zeros(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        lpl(torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1))
     with pytest.raises(ValueError, match="num_blocks must be in 1..3"):
         LatentPerceptualLoss(tiny_vae(blocks=2), num_blocks=5)
     with pytest.raises(ValueError, match="normalization"):
