@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lpl import LatentPerceptualLoss, layer_distance, lpl_mask, z0_from_prediction
-from train import MODELS, build_model, ddpm_scheduler, pick_device
+from train import MODELS, HelpFormatter, Parser, build_model, ddpm_scheduler, load_vae, pick_device
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -42,20 +42,20 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--vae", default=None, help="a save_pretrained folder or Hub id; default: SD architecture, random weights")
-    a("--model", default="DiT-S/2", choices=MODELS)
-    a("--batch-size", type=int, default=16)
-    a("--image-size", type=int, default=64)
-    a("--device", default=None)
+    a("--model", default="DiT-S/2", choices=MODELS, help="the DiT of the timed steps")
+    a("--batch-size", type=int, default=16, help="samples per step")
+    a("--image-size", type=int, default=64, help="pixels; latents are this / the VAE factor")
+    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, as train.py on CUDA")
     a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped; default all")
     a("--lpl-fraction", type=float, default=None,
       help="share of the batch under the threshold; default: what train.py's default τ gives for eps")
     a("--grad-checkpointing", action="store_true", help="checkpoint the decoder in the headline LPL step")
-    a("--warmup", type=int, default=2)
-    a("--reps", type=int, default=11)
+    a("--warmup", type=int, default=2, help="untimed rounds first")
+    a("--reps", type=int, default=11, help="timed rounds; medians are reported")
     a("--default-malloc", action="store_true",
       help="CPU: leave glibc's malloc returning freed memory to the OS (see keep_freed_memory)")
     a("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child process
@@ -68,7 +68,7 @@ def main(argv=None):
     device = pick_device(args.device)
     torch.manual_seed(0)
     from diffusers import AutoencoderKL
-    vae = (AutoencoderKL.from_pretrained(args.vae) if args.vae else AutoencoderKL(**SD_VAE)).to(device)
+    vae = load_vae(args.vae, device) if args.vae else AutoencoderKL(**SD_VAE).to(device)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     B, C, h = args.batch_size, vae.config.latent_channels, args.image_size // f
     model = build_model(dict(MODELS[args.model], in_channels=C, out_channels=C, sample_size=h,

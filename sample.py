@@ -8,19 +8,19 @@ as in the paper) for eps and v, Euler for flow; classifier-free guidance with --
 FID uses torch-fidelity (pip install torch-fidelity): it computes FID and precision/recall from
 two image folders in one call, with the reference Inception weights of the original FID code.
 """
-import argparse
+import math
 import os
-import sys
 
 import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from train import build_model, decode, fail, generate, load_checkpoint, load_vae, pick_device
+from train import (HelpFormatter, Parser, all_finite, build_model, decode, fail, generate, load_checkpoint,
+                   load_vae, pick_device)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="a checkpoint written by train.py")
     a("--out", default="samples.png", help="the grid PNG (when --out-dir is not given)")
@@ -35,8 +35,15 @@ def get_args(argv=None):
     a("--fid", action="store_true", help="FID, precision and recall of --out-dir against the training images")
     a("--fid-ref", default=None, help="reference image folder for --fid (default: the run's --data)")
     a("--vae", default=None, help="override the checkpoint's VAE (e.g. a local copy)")
-    a("--device", default=None)
-    return p.parse_args(argv)
+    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
+    args = p.parse_args(argv)
+    for name in ("n", "batch_size", "steps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not math.isfinite(args.cfg):
+        fail(f"--cfg must be a number, got {args.cfg}")
+    return args
 
 
 def main(argv=None):
@@ -48,12 +55,24 @@ def main(argv=None):
             import torch_fidelity
         except ImportError:
             fail("--fid needs torch-fidelity: pip install torch-fidelity")
+    if args.out_dir:  # where the output goes is checked before any sampling
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create --out-dir {args.out_dir!r} ({e.strerror})")
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        fail(f"--out {args.out!r}: the folder {os.path.dirname(os.path.abspath(args.out))!r} does not exist")
     ckpt = load_checkpoint(args.ckpt)
     train_args, classes = ckpt["args"], ckpt["classes"]
     device = pick_device(args.device)
     model = build_model(ckpt["model_config"]).to(device).eval()
     model.load_state_dict(ckpt["model"] if args.no_ema else ckpt["ema"])
+    if not all_finite(model):
+        fail(f"{args.ckpt} holds non-finite weights ({'model' if args.no_ema else 'EMA'}): it cannot sample")
     vae = load_vae(args.vae or train_args["vae"], device)
+    if vae.config.latent_channels != ckpt["latent_shape"][0]:
+        fail(f"the VAE {args.vae or train_args['vae']!r} has {vae.config.latent_channels} latent channels, the "
+             f"checkpoint was trained on {ckpt['latent_shape'][0]}: use the VAE it was trained with")
     K = len(classes)
     labels = args.classes if args.classes is not None else list(range(K))
     if any(not 0 <= c < K for c in labels):
@@ -63,11 +82,11 @@ def main(argv=None):
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
     images = []
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
     for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
         y = y_all[i:i + args.batch_size].to(device)
         z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen)
+        if not z.isfinite().all():
+            fail(f"sampling gave non-finite latents at sample {i}: the model diverges under --cfg {args.cfg}")
         x = decode(vae, z).cpu()
         if args.out_dir:
             for j, img in enumerate(x):

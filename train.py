@@ -1,11 +1,11 @@
 """Train a small class-conditional DiT on VAE latents, with or without the Latent Perceptual Loss.
 
 The paper's protocol at toy scale: pre-train with the plain diffusion loss, then post-train from
-that checkpoint with (--lpl-weight 3) and without (--lpl-weight 0) LPL, and compare. The dataset is
-encoded once by the frozen VAE (both horizontal flips) and cached next to the run.
+that checkpoint with (--loss lpl) and without (--loss l2) LPL for the same number of steps, and
+compare. The dataset is encoded once by the frozen VAE (both horizontal flips) and cached.
 
     python train.py --run-dir runs/pretrain --steps 100000
-    python train.py --run-dir runs/lpl --init-from runs/pretrain/ckpt.pt --steps 50000 --lpl-weight 3
+    python train.py --run-dir runs/lpl --init-from runs/pretrain/ckpt.pt --steps 50000 --loss lpl
 
 Time conventions. eps and v: discrete t in {0..999}, t = 0 is (almost) clean, t = 999 is noise;
 z_t = α_t z0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t). flow: t in [0, 1], t = 0 is data,
@@ -13,6 +13,7 @@ t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t,
 """
 import argparse
 import copy
+import fcntl
 import functools
 import glob
 import hashlib
@@ -29,53 +30,111 @@ from tqdm import tqdm
 
 from lpl import LatentPerceptualLoss, lpl_mask, z0_from_prediction
 
-# DiT sizes (Peebles & Xie, Table 1) plus a tiny one for CPU smoke runs. Name = size / patch size.
+# DiT sizes (Peebles & Xie, Table 1), plus two for CPUs: XS (6 layers, 256 wide, the CPU results'
+# model) and T (tests and the one-minute smoke run). Name = size / patch size.
 MODELS = {
     "DiT-T/2": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, patch_size=2),
+    "DiT-XS/2": dict(num_layers=6, num_attention_heads=4, attention_head_dim=64, patch_size=2),
     "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
     "DiT-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
     "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
 }
+# w_LPL. The paper's rule (Section 4.1): w_LPL = 3 "roughly corresponds to a fifth of the relative
+# contribution to the total loss". Its absolute scale does not carry over (this L_LPL averages
+# standardised features, per layer and channel), so the default is the weight that gives LPL about
+# a fifth of the total on the README's CPU run; log.jsonl reports the share (lpl_share) of any run.
+LPL_WEIGHT = 1.0
+# Flags that --resume accepts beside the run's own: they change neither the maths nor the data.
+RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every", "num_workers", "compile")
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--data", default="cifar10", help="'cifar10' (torchvision), an image folder with one subfolder "
-      "per class, or a folder of ImageNet 64x64 .npz batches")
+    a("--data", default="cifar10", help="'cifar10' (torchvision download), an image folder with one "
+      "subfolder per class, or a folder of ImageNet 64x64 .npz batches")
     a("--data-root", default="data", help="where --data cifar10 is downloaded")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="Hugging Face id or save_pretrained folder")
     a("--image-size", type=int, default=64, help="images are resized to this (64 -> 8x8 latents at f8)")
-    a("--model", default="DiT-S/2", choices=MODELS)
-    a("--paradigm", default="eps", choices=["eps", "v", "flow"])
-    a("--steps", type=int, default=None, help="total steps (default 50000; on --resume, the run's own)")
-    a("--batch-size", type=int, default=128)
-    a("--lr", type=float, default=1e-4)
-    a("--seed", type=int, default=0)
-    a("--run-dir", default="runs/pretrain", help="checkpoints, log.jsonl and sample grids go here")
-    a("--device", default=None, help="default: cuda, else mps, else cpu")
-    a("--init-from", default=None, help="start a new run from this checkpoint's weights (post-training)")
-    a("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR exactly where it stopped")
-    a("--ema-decay", type=float, default=0.9999, help="the paper's baseline; it finds 0.99975 best with LPL")
-    a("--lpl-weight", type=float, default=0.0, help="w_LPL; 0 turns LPL off, 3.0 is the paper's best")
-    a("--lpl-tau", type=float, default=4.0, help="τ_σ on σ/α at 64x64 latents (the paper's 512 px; "
+    a("--model", default="DiT-S/2", choices=MODELS, help="DiT size / patch size")
+    a("--paradigm", default="eps", choices=["eps", "v", "flow"], help="what the model predicts (Table 1)")
+    a("--steps", type=int, default=None, help="total steps; default 50000, on --resume the run's own")
+    a("--batch-size", type=int, default=128, help="global batch size")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (DiT)")
+    a("--seed", type=int, default=0, help="seeds the data order, the noise and the sample grids")
+    a("--run-dir", default="runs/pretrain", help="ckpt.pt, log.jsonl and sample grids go here")
+    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
+    a("--init-from", default=None, metavar="CKPT", help="start a new run from this checkpoint's weights "
+      "(post-training); its model and paradigm are kept")
+    a("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR exactly where it stopped, "
+      f"writing into RUN_DIR; only {', '.join('--' + f.replace('_', '-') for f in RESUME_OVERRIDES)} may change")
+    a("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+n)/(10+n)) "
+      "over the run's steps n; the paper's baseline, it finds 0.99975 best with LPL")
+    a("--label-dropout", type=float, default=0.1, help="share of samples trained with the null class "
+      "(classifier-free guidance; DiT's 0.1)")
+    a("--loss", default="l2", choices=["l2", "lpl"], help="l2: the diffusion loss alone; lpl: plus "
+      "w_LPL x the Latent Perceptual Loss")
+    a("--lpl-weight", type=float, default=LPL_WEIGHT, help="w_LPL; the default gives LPL about a fifth of "
+      "the total loss on the README's CPU run, the paper's rule for its w_LPL = 3 (see README)")
+    a("--lpl-tau", type=float, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
       "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1)")
-    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped (Fig. 7); default all")
-    a("--lpl-normalization", default="shared", choices=["shared", "separate"])
-    a("--lpl-layer-weights", default="pow2", choices=["pow2", "uniform"])
+    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped, mid block first (Fig. 7); "
+      "default: all")
+    a("--lpl-normalization", default="shared", choices=["shared", "separate"],
+      help="standardise both feature maps with the prediction's statistics, or each with its own (Sec. 4.3)")
+    a("--lpl-detach-sigma", action="store_true", help="no gradient through the prediction's std σ̂")
+    a("--lpl-layer-weights", default="pow2", choices=["pow2", "uniform"],
+      help="ω_l = 2^-r_l (the paper's) or 1 (Sec. 4.3)")
     a("--lpl-no-outliers", action="store_true", help="turn off Algorithm 1's outlier mask")
     a("--lpl-grad-checkpointing", action="store_true", help="recompute decoder blocks in backward")
-    a("--compile", action="store_true", help="torch.compile the DiT")
-    a("--log-every", type=int, default=100)
-    a("--ckpt-every", type=int, default=5000)
-    a("--sample-every", type=int, default=5000)
+    a("--compile", action="store_true", help="torch.compile the DiT (not the loss: its hooks break graphs)")
+    a("--log-every", type=int, default=100, help="steps per log.jsonl row")
+    a("--ckpt-every", type=int, default=5000, help="steps per checkpoint (and one at the end)")
+    a("--sample-every", type=int, default=5000, help="steps per sample grid (and one at the end)")
     a("--num-workers", type=int, default=0, help="data loader workers for the one-time encoding")
+    return p
+
+
+def get_args(argv=None):
+    """The arguments, and the names of those given explicitly on the command line."""
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.lpl_tau < 0:
-        p.error(f"--lpl-tau must be >= 0, got {args.lpl_tau}")
+    q = copy.deepcopy(p)
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(q.parse_args(argv)))
     if args.steps is None and not args.resume:
         args.steps = 50_000
-    return args
+    check_args(args)
+    return args, explicit
+
+
+def check_args(args):
+    """Reject what would fail (or silently do nothing) minutes later."""
+    def need(ok, msg):
+        if not ok:
+            fail(msg)
+    for name in ("batch_size", "image_size", "log_every", "ckpt_every", "sample_every"):
+        v = getattr(args, name)
+        need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    need(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}")
+    need(0 <= args.ema_decay <= 1, f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    need(0 <= args.label_dropout < 1, f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    need(math.isfinite(args.lpl_weight) and args.lpl_weight > 0,
+         f"--lpl-weight must be a positive number, got {args.lpl_weight} (--loss l2 turns LPL off)")
+    need(math.isfinite(args.lpl_tau) and args.lpl_tau >= 0, f"--lpl-tau must be >= 0, got {args.lpl_tau}")
+    need(args.lpl_blocks is None or args.lpl_blocks >= 1, f"--lpl-blocks must be >= 1, got {args.lpl_blocks}")
 
 
 def fail(msg):
@@ -84,87 +143,149 @@ def fail(msg):
 
 
 def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        fail(f"--device {name!r} is not a device name: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: train.py runs on cpu, cuda or mps")
+    return dev
 
 
 # ------------------------------------------------------------------------------ data -> latents
 def load_vae(name, device):
     from diffusers import AutoencoderKL
-    try:
-        vae = AutoencoderKL.from_pretrained(name)
+    try:  # low_cpu_mem_usage=False: the same load, without diffusers' warning that accelerate is missing
+        vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
     except Exception as e:
         fail(f"cannot load the VAE {name!r} ({type(e).__name__}): give --vae a Hugging Face id you can "
              f"download or a folder written by AutoencoderKL.save_pretrained")
     return vae.to(device).eval().requires_grad_(False)
 
 
+class UnreadableImage(Exception):
+    pass
+
+
+def read_rgb(path):
+    """ImageFolder's loader, with the file named when it fails (truncated PNG, not an image)."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from None
+
+
 def image_dataset(args):
+    """The images in [-1, 1] with integer labels, and the files they come from (the cache key)."""
     import torchvision.datasets as D
     import torchvision.transforms as T
     tf = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor(),
                     T.Normalize(0.5, 0.5)])  # VAEs take images in [-1, 1]
     if args.data == "cifar10":
         try:
-            return D.CIFAR10(args.data_root, train=True, download=True, transform=tf)
+            ds = D.CIFAR10(args.data_root, train=True, download=True, transform=tf)
         except Exception as e:
             fail(f"cannot download CIFAR-10 into {args.data_root!r} ({type(e).__name__}); offline, pass "
                  f"--data PATH to an image folder with one subfolder per class")
+        return ds, ds.classes, sorted(glob.glob(os.path.join(args.data_root, "cifar-10-batches-py", "*")))
     if not os.path.isdir(args.data):
         fail(f"--data {args.data!r} is neither 'cifar10' nor an existing folder")
     npz = sorted(glob.glob(os.path.join(args.data, "*.npz")))
     if npz:  # official downsampled ImageNet: uint8 rows of 3*64*64, labels 1..1000
-        parts = [np.load(f) for f in npz]
-        x = torch.from_numpy(np.concatenate([p["data"] for p in parts])).view(-1, 3, 64, 64)
-        y = torch.from_numpy(np.concatenate([p["labels"] for p in parts]).astype(np.int64) - 1)
+        xs, ys = [], []
+        for f in npz:
+            try:
+                with np.load(f) as part:
+                    xs.append(torch.from_numpy(part["data"]).view(-1, 3, 64, 64))
+                    ys.append(torch.from_numpy(part["labels"].astype(np.int64)) - 1)
+            except Exception as e:
+                fail(f"{f} is not an ImageNet 64x64 batch ('data': N x 12288 uint8, 'labels': 1..1000): "
+                     f"{type(e).__name__}: {e}".replace("\n", " "))
+        x, y = torch.cat(xs), torch.cat(ys)
+        if len(y) != len(x) or y.min() < 0:
+            fail(f"the .npz batches in {args.data} have {len(x)} images, {len(y)} labels, smallest label "
+                 f"{int(y.min()) + 1}: labels must be 1..1000, one per image")
         x = F.interpolate(x.float() / 127.5 - 1, size=args.image_size, mode="area")
-        return torch.utils.data.TensorDataset(x, y)
+        return torch.utils.data.TensorDataset(x, y), [str(i) for i in range(int(y.max()) + 1)], npz
     try:
-        return D.ImageFolder(args.data, transform=tf)
+        ds = D.ImageFolder(args.data, transform=tf, loader=read_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"--data {args.data!r} has no images in class subfolders ({e})".replace("\n", " "))
+    return ds, ds.classes, [p for p, _ in ds.samples]
 
 
-def encode_dataset(args, vae, device):
+def cache_path(args, vae, files):
+    """The latent cache, keyed by what the latents depend on: the data files (names, sizes,
+    modification times), the image size and the VAE (config, and its weight files if local)."""
+    def stat(f):
+        s = os.stat(f)
+        return [os.path.abspath(f), s.st_size, s.st_mtime_ns]
+    vae_files = sorted(glob.glob(os.path.join(args.vae, "*"))) if os.path.isdir(args.vae) else []
+    key = json.dumps([[stat(f) for f in files], args.image_size, args.vae, [stat(f) for f in vae_files],
+                      vae.config], sort_keys=True, default=str)
+    return os.path.join(os.path.dirname(os.path.abspath(args.run_dir)),
+                        f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+
+
+def encode_dataset(args, vae, device, ds, classes, cache):
     """Latents in the diffusion model's scale, (z − shift)·scaling_factor, of each image and its mirror."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.image_size % factor:
-        fail(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {factor}")
-    key = json.dumps([os.path.abspath(args.data) if args.data != "cifar10" else "cifar10",
-                      args.image_size, args.vae, vae.config.scaling_factor, vae.config.shift_factor])
-    cache = os.path.join(os.path.dirname(os.path.abspath(args.run_dir)),
-                         f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     if os.path.exists(cache):
-        return torch.load(cache), cache
-    ds = image_dataset(args)
-    classes = getattr(ds, "classes", None) or [str(i) for i in range(int(ds.tensors[1].max()) + 1)]
+        try:
+            return torch.load(cache)
+        except Exception as e:  # truncated by a kill, or not ours: encode again
+            tqdm.write(f"the latent cache {cache} is unreadable ({type(e).__name__}); encoding the data again")
     loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.num_workers)
     sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     zs, ys = [], []
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc="encoding dataset (once)"):
-            x = x.to(device)
-            for view in (x, x.flip(-1)):  # both horizontal flips
-                zs.append(((vae.encode(view).latent_dist.mean - shift) * sf).half().cpu())
-                ys.append(y)
+    try:
+        with torch.no_grad():
+            for x, y in tqdm(loader, desc="encoding dataset (once)"):
+                x = x.to(device)
+                for view in (x, x.flip(-1)):  # both horizontal flips
+                    zs.append(((vae.encode(view).latent_dist.mean - shift) * sf).half().cpu())
+                    ys.append(y)
+    except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
+        fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
     data = dict(z=torch.cat(zs), y=torch.cat(ys), classes=classes)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
     atomic_save(data, cache)
-    return data, cache
+    return data
 
 
 # ------------------------------------------------------------------------------ model, schedules
 def build_model(model_cfg):
     from diffusers import DiTTransformer2DModel
+    from diffusers.models.embeddings import LabelEmbedding
     model = DiTTransformer2DModel(**model_cfg)
     for block in model.transformer_blocks:  # adaLN-Zero: each block starts as the identity
         torch.nn.init.zeros_(block.norm1.linear.weight), torch.nn.init.zeros_(block.norm1.linear.bias)
     for lin in (model.proj_out_1, model.proj_out_2):  # and the output as zero (DiT, Section 3.2)
         torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+    # diffusers gives every block (and the final layer) its own label embedding, each dropping labels
+    # independently in training mode: a sample would be unconditional in some blocks only, and the
+    # fully unconditional model that guidance samples from would almost never be trained. The tables
+    # keep their null row (index num_classes); the trainer drops each label once (drop_labels).
+    for m in model.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
     return model
+
+
+def drop_labels(y, num_classes, p):
+    """Classifier-free guidance training (Ho & Salimans): each label is replaced by the null class
+    num_classes with probability p, once per sample, so every block sees the same label."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
 
 
 def ddpm_scheduler(paradigm):
@@ -219,75 +340,199 @@ def decode(vae, z):
 
 
 # ------------------------------------------------------------------------------ checkpoints
+CKPT_KEYS = ("args", "model_config", "step", "model", "ema", "opt", "classes", "latent_shape", "rng")
+
+
 def atomic_save(obj, path):
     """Write to a temp file and rename: an interrupted save never corrupts the last checkpoint."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         fail(f"no checkpoint at {path!r}")
     except Exception as e:
         fail(f"cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupted or not a train.py checkpoint")
+    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
+    if missing:
+        fail(f"{path!r} is not a train.py checkpoint (no {', '.join(repr(k) for k in missing)})")
+    return ckpt
+
+
+def all_finite(module):
+    return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on the run directory for this process's lifetime (released on exit or kill)."""
+    f = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another train.py is writing to {run_dir}; wait for it or pick another --run-dir")
+    return f
+
+
+def make_run_dir(path):
+    """Create (or check) the run directory before any work; returns whether it was created."""
+    created = not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to the run directory {path!r} ({e.strerror}); pick a writable --run-dir")
+    return created
+
+
+def truncate_log(path, step):
+    """Drop log rows past the checkpoint's step (written after it, before a kill), so a resume
+    does not log those steps twice."""
+    if not os.path.exists(path):
+        return
+    rows = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------ training
 def main(argv=None):
-    args = get_args(argv)
-    resume = None
-    if args.resume:  # the run's own arguments, but --steps and --device if given here
+    argv = sys.argv[1:] if argv is None else argv
+    args, explicit = get_args(argv)
+    resume, init = None, None
+    if args.resume:  # the run's own arguments; only RESUME_OVERRIDES may change, and it writes into RUN_DIR
         resume = load_checkpoint(os.path.join(args.resume, "ckpt.pt"))
-        given = {k: v for k, v in vars(args).items() if k in ("steps", "device") and v is not None}
-        args = argparse.Namespace(**dict(resume["args"], **given))
+        saved = dict(vars(build_parser().parse_args([])), **resume["args"])  # flags added since: defaults
+        changed = sorted(k for k in explicit - {"resume", *RESUME_OVERRIDES}
+                         if k in saved and getattr(args, k) != saved[k] and k != "run_dir")
+        if "run_dir" in explicit and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
+            changed.append("run_dir")
+        if changed:
+            fail(f"--resume continues {args.resume} with its own settings; "
+                 f"{', '.join('--' + k.replace('_', '-') for k in changed)} would change them. Drop them, "
+                 f"or start a new run from its weights with --init-from {os.path.join(args.resume, 'ckpt.pt')}")
+        saved.update({k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit})
+        saved.update(run_dir=args.resume, resume=args.resume)
+        args = argparse.Namespace(**saved)
+        if args.steps <= resume["step"]:
+            fail(f"{args.resume} is already at step {resume['step']}: give --steps above that to continue")
+    elif args.init_from:  # model and paradigm come from the checkpoint
+        init = load_checkpoint(args.init_from)
+        for k in ("model", "paradigm"):
+            if k in explicit and getattr(args, k) != init["args"][k]:
+                fail(f"--{k} {getattr(args, k)} does not match {args.init_from}'s {init['args'][k]}; drop --{k}")
+            setattr(args, k, init["args"][k])
     device = pick_device(args.device)
-    os.makedirs(args.run_dir, exist_ok=True)
+
+    # Everything that can be checked is checked before the encoding and the training.
+    run_dir = args.run_dir
+    if resume is None and os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        fail(f"{run_dir} already holds a run (ckpt.pt): continue it with --resume {run_dir}, "
+             f"or pick another --run-dir")
     vae = load_vae(args.vae, device)
-    data, cache = encode_dataset(args, vae, device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    patch = MODELS[args.model]["patch_size"]
+    if args.image_size % (factor * patch):
+        fail(f"--image-size {args.image_size} must be a multiple of {factor * patch}: the VAE downsamples by "
+             f"{factor} and {args.model} cuts the latent into {patch}x{patch} patches")
+    latent_shape = (vae.config.latent_channels, args.image_size // factor, args.image_size // factor)
+    lpl = None
+    if args.loss == "lpl":  # the frozen VAE is reused; only samples under the threshold are decoded
+        try:
+            lpl = LatentPerceptualLoss(vae, num_blocks=args.lpl_blocks, normalization=args.lpl_normalization,
+                                       detach_sigma=args.lpl_detach_sigma, layer_weights=args.lpl_layer_weights,
+                                       outliers=not args.lpl_no_outliers,
+                                       grad_checkpointing=args.lpl_grad_checkpointing)
+        except ValueError as e:
+            fail(f"--lpl-blocks: {e}")
+    ds, classes, files = image_dataset(args)
+    num_classes = len(classes)
+    source = init or resume
+    if source is not None:
+        what = args.init_from or args.resume
+        if tuple(source["latent_shape"]) != latent_shape:
+            fail(f"{what} was trained on latents {tuple(source['latent_shape'])}, but --vae {args.vae} at "
+                 f"--image-size {args.image_size} gives {latent_shape}: use the same VAE and image size")
+        if len(source["classes"]) != num_classes:
+            fail(f"{what} was trained on {len(source['classes'])} classes, --data {args.data} has {num_classes}")
+    created, lock = make_run_dir(run_dir), None
+    try:
+        lock = lock_run_dir(run_dir)
+        cache = cache_path(args, vae, files)
+        if not os.access(os.path.dirname(cache), os.W_OK):  # the run directory's parent
+            fail(f"cannot write the latent cache into {os.path.dirname(cache)}; pick a --run-dir in a writable folder")
+        train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init)
+    except KeyboardInterrupt:
+        last = os.path.join(run_dir, "ckpt.pt")
+        fail("interrupted; " + (f"the last checkpoint ({load_checkpoint(last)['step']} steps) is in {run_dir}: "
+                                 f"continue with --resume {run_dir}" if os.path.exists(last) else "no checkpoint was written"))
+    finally:
+        if lock is not None:  # (not another process's lock)
+            lock.close()
+            os.remove(os.path.join(run_dir, ".lock"))
+        if created and not os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # leave nothing empty behind
+            log = os.path.join(run_dir, "log.jsonl")
+            if os.path.exists(log) and os.path.getsize(log) == 0:
+                os.remove(log)
+            if not os.listdir(run_dir):
+                os.rmdir(run_dir)
+
+
+def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init):
+    data = encode_dataset(args, vae, device, ds, classes, cache)
     z_all, y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
-    N, num_classes, latent_shape = len(z_all), len(data["classes"]), tuple(z_all.shape[1:])
+    N, num_classes = len(z_all), len(classes)
     if N < args.batch_size:
         fail(f"the dataset has {N} latents (images x 2 flips), fewer than --batch-size {args.batch_size}")
 
     torch.manual_seed(args.seed)  # after encoding, so the stream does not depend on the cache existing
     model_cfg = dict(MODELS[args.model], in_channels=latent_shape[0], out_channels=latent_shape[0],
                      sample_size=latent_shape[-1], num_embeds_ada_norm=num_classes)
-    init = resume or (load_checkpoint(args.init_from) if args.init_from else None)
-    if init is not None:  # the architecture comes from the checkpoint
-        if init["args"]["paradigm"] != args.paradigm:
-            fail(f"--paradigm {args.paradigm} does not match {args.init_from}'s {init['args']['paradigm']}")
-        model_cfg = init["model_config"]
+    source = resume or init
+    if source is not None:
+        model_cfg = source["model_config"]
     model = build_model(model_cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    step = 0
-    if init is not None:
-        model.load_state_dict(init["model"]), ema.load_state_dict(init["ema"])
+    step, last_ckpt = 0, None
+    if source is not None:
+        model.load_state_dict(source["model"]), ema.load_state_dict(source["ema"])
     if resume is not None:  # --init-from starts afresh; --resume restores everything
         opt.load_state_dict(resume["opt"])
-        step = resume["step"]
+        step = last_ckpt = resume["step"]
         torch.set_rng_state(resume["rng"]["cpu"])
         if device.type == "cuda" and resume["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
     sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
-
-    lpl = None
-    if args.lpl_weight > 0:  # the frozen VAE is reused; only samples under the threshold are decoded
-        lpl = LatentPerceptualLoss(vae, num_blocks=args.lpl_blocks, normalization=args.lpl_normalization,
-                                   layer_weights=args.lpl_layer_weights, outliers=not args.lpl_no_outliers,
-                                   grad_checkpointing=args.lpl_grad_checkpointing)
-    res_scale = latent_shape[-1] / 64  # Section 4.1: τ scales with resolution; 64 = latents of 512 px
+    # Section 4.1: τ scales with resolution. 64 = the latent width of the paper's 512 px images with
+    # its f8 VAE; we scale by the latent grid, on which the noise acts, so an f4 VAE at 32 px (8x8
+    # latents) gets the τ of an f8 VAE at 64 px.
+    res_scale = latent_shape[-1] / 64
     fwd = torch.compile(model) if args.compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ckpt_path, log_path = os.path.join(args.run_dir, "ckpt.pt"), os.path.join(args.run_dir, "log.jsonl")
 
-    def save(path):
+    def save():
+        nonlocal last_ckpt
+        if not (all_finite(model) and all_finite(ema)):  # never replace a finite checkpoint
+            fail(f"the weights are not finite at step {step}; nothing was saved, " + (
+                f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else "no checkpoint was written")
+                + " (try a lower --lr or --lpl-weight)")
         atomic_save(dict(args=vars(args), model_config=model_cfg, step=step, model=model.state_dict(),
-                         ema=ema.state_dict(), opt=opt.state_dict(), classes=data["classes"],
+                         ema=ema.state_dict(), opt=opt.state_dict(), classes=classes,
                          latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
-                             torch.cuda.get_rng_state() if device.type == "cuda" else None))), path)
+                             torch.cuda.get_rng_state() if device.type == "cuda" else None))), ckpt_path)
+        last_ckpt = step
 
     @functools.lru_cache(maxsize=1)
     def epoch_order(epoch):  # one permutation per epoch, seeded by it: data order depends on the step only
@@ -299,15 +544,20 @@ def main(argv=None):
         return epoch_order(step // per_epoch)[i * args.batch_size:(i + 1) * args.batch_size]
 
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
-          f"{latent_shape} from {cache}, {args.paradigm}, LPL weight {args.lpl_weight}, device {device}")
-    log = open(os.path.join(args.run_dir, "log.jsonl"), "a")
+          f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
+          + (f" (w_LPL {args.lpl_weight}, τ {args.lpl_tau})" if lpl else "") + f", device {device}"
+          + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else ""))
+    if resume is not None:
+        truncate_log(log_path, step)
+    log = open(log_path, "a" if resume is not None else "w")
     bar = tqdm(total=args.steps, initial=step, desc="train")
-    acc, t0 = dict(diff=0.0, lpl=0.0, frac=0.0, n=0), time.time()
+    acc, t0 = dict(diff=0.0, lpl=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
     model.train()
     while step < args.steps:
         idx = batch_indices(step)
         z0, y = z_all[idx].float(), y_all[idx]
         B = len(z0)
+        y = drop_labels(y, num_classes, args.label_dropout)
         alpha, sigma, t_model = sample_t(args.paradigm, B, device, sched)
         eps = torch.randn_like(z0)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
@@ -322,39 +572,54 @@ def main(argv=None):
                 if m.any():  # (a sync, to skip decoding) E[δ·L]: the selected samples' losses, summed, / B
                     z0_hat = z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm)
                     loss_lpl = lpl(z0_hat, z0[m]).sum() / B
-            loss = loss_diff + args.lpl_weight * loss_lpl
-        frac = m.float().mean() if m is not None else torch.zeros((), device=device)
-        l_diff, l_lpl, frac = torch.stack([loss_diff, loss_lpl, frac]).tolist()  # one sync for logging
-        if not math.isfinite(l_diff + l_lpl):
-            fail(f"the loss is not finite at step {step + 1}; stopped before any update, the last good "
-                 f"checkpoint is kept in {args.run_dir} (try a lower --lr or --lpl-weight)")
+            loss = loss_diff + (args.lpl_weight * loss_lpl if lpl is not None else 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+        frac = m.float().mean() if m is not None else torch.zeros((), device=device)
+        l_diff, l_lpl, frac, gnorm = torch.stack([loss_diff, loss_lpl, frac, gnorm]).tolist()  # one sync
+        if not math.isfinite(l_diff + l_lpl + gnorm):
+            fail(f"the loss or its gradient is not finite at step {step + 1}; stopped before the update, " + (
+                f"the checkpoint of step {last_ckpt} in {args.run_dir} is kept" if last_ckpt else
+                "no checkpoint was written") + " (try a lower --lr or --lpl-weight)")
         opt.step()
+        # EMA warm-up (as diffusers' EMAModel): the run's first steps do not anchor the average to its
+        # starting point. For a post-training run that is the pre-trained model, which a plain 0.9999
+        # EMA would still hold at 0.9999^20000 = 13.5% after 20k steps, diluting the comparison.
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - args.ema_decay)
+                pe.lerp_(pm, 1 - decay)
         step += 1
-        acc["diff"], acc["lpl"], acc["frac"], acc["n"] = acc["diff"] + l_diff, acc["lpl"] + l_lpl, acc["frac"] + frac, acc["n"] + 1
+        for k, v in (("diff", l_diff), ("lpl", l_lpl), ("frac", frac), ("gnorm", gnorm), ("n", 1)):
+            acc[k] += v
         bar.update(1)
         bar.set_postfix(loss=f"{l_diff:.4f}", lpl=f"{l_lpl:.4f}")
         if step % args.log_every == 0 or step == args.steps:
-            dt = time.time() - t0
-            row = dict(step=step, loss_diff=acc["diff"] / acc["n"], loss_lpl=acc["lpl"] / acc["n"],
-                       lpl_frac=acc["frac"] / acc["n"], img_per_s=acc["n"] * B / dt, lr=args.lr)
+            dt, k = time.time() - t0, acc["n"]
+            row = dict(step=step, loss_diff=acc["diff"] / k, loss_lpl=acc["lpl"] / k)
+            if lpl is not None:  # w·L_LPL / L_total: the paper's rule puts it near 1/5 for its w = 3
+                w_lpl = args.lpl_weight * acc["lpl"] / k
+                row.update(lpl_share=w_lpl / (acc["diff"] / k + w_lpl), lpl_frac=acc["frac"] / k)
+            row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
             log.write(json.dumps(row) + "\n"), log.flush()
-            acc, t0 = dict(diff=0.0, lpl=0.0, frac=0.0, n=0), time.time()
+            acc, t0 = dict(diff=0.0, lpl=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
-            save(os.path.join(args.run_dir, "ckpt.pt"))
+            if step == args.steps:
+                tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
+            save()
         if step % args.sample_every == 0 or step == args.steps:
             from torchvision.utils import save_image
+            grid = os.path.join(args.run_dir, f"samples-{step:07d}.png")
+            tqdm.write(f"sampling a grid of the EMA model (50 steps) to {grid}")
             ema.eval()
             y_s = torch.arange(num_classes, device=device).repeat_interleave(8)[:80]
             zs = generate(ema, args.paradigm, y_s, num_classes, latent_shape,
                           generator=torch.Generator().manual_seed(args.seed))
-            save_image(decode(vae, zs), os.path.join(args.run_dir, f"samples-{step:07d}.png"), nrow=8)
+            save_image(decode(vae, zs), grid, nrow=8)
     bar.close()
-    print(f"done: {step} steps, checkpoint {os.path.join(args.run_dir, 'ckpt.pt')}")
+    log.close()
+    print(f"done: {step} steps, checkpoint {ckpt_path}")
 
 
 if __name__ == "__main__":
