@@ -555,6 +555,16 @@ def test_lpl_off_logs_no_lpl_and_cache_is_reused(assets, tmp_path):
     assert z.shape == (48, 4, 8, 8)  # 24 images x 2 flips
 
 
+def test_images_per_class_takes_the_first_of_each_class(assets, tmp_path):
+    train.main(train_args(assets, tmp_path / "r", "--steps", "1", "--batch-size", "4", "--images-per-class", "2"))
+    (cache,) = tmp_path.glob("latents-*.pt")
+    data = torch.load(cache)
+    assert data["y"].tolist() == [0, 0, 1, 1, 2, 2] * 2  # the 6 images, then their mirrors
+    ref = torch.load(next(assets.glob("runs/latents-*.pt")))  # all 8 per class, in one batch
+    torch.testing.assert_close(data["z"][:2], ref["z"][:2])  # images 0, 1 of class 0
+    torch.testing.assert_close(data["z"][2:4], ref["z"][8:10])  # images 0, 1 of class 1
+
+
 def test_cache_follows_the_data_and_survives_truncation(assets, tmp_path, capsys):
     data = tmp_path / "data"
     write_pngs(data, classes=("a", "b"), per_class=4)

@@ -63,6 +63,8 @@ def build_parser():
     a("--data", default="cifar10", help="'cifar10' (torchvision download), an image folder with one "
       "subfolder per class, or a folder of ImageNet 64x64 .npz batches")
     a("--data-root", default="data", help="where --data cifar10 is downloaded")
+    a("--images-per-class", type=int, default=None, help="use only the first N images of each class "
+      "(quick runs); default: all")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="Hugging Face id or save_pretrained folder")
     a("--image-size", type=int, default=64, help="images are resized to this (64 -> 8x8 latents at f8)")
     a("--model", default="DiT-S/2", choices=MODELS, help="DiT size / patch size")
@@ -127,6 +129,8 @@ def check_args(args):
         v = getattr(args, name)
         need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
     need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    need(args.images_per_class is None or args.images_per_class >= 1,
+         f"--images-per-class must be >= 1, got {args.images_per_class}")
     need(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}")
     need(0 <= args.ema_decay <= 1, f"--ema-decay must be in [0, 1], got {args.ema_decay}")
@@ -189,6 +193,19 @@ def read_rgb(path):
 
 def image_dataset(args):
     """The images in [-1, 1] with integer labels, and the files they come from (the cache key)."""
+    ds, classes, files = _image_dataset(args)
+    if args.images_per_class:  # the first N of each class, in the dataset's own order
+        labels = ds.tensors[1].tolist() if isinstance(ds, torch.utils.data.TensorDataset) else ds.targets
+        seen, idx = {}, []
+        for i, y in enumerate(labels):
+            seen[y] = seen.get(y, 0) + 1
+            if seen[y] <= args.images_per_class:
+                idx.append(i)
+        ds = torch.utils.data.Subset(ds, idx)
+    return ds, classes, files
+
+
+def _image_dataset(args):
     import torchvision.datasets as D
     import torchvision.transforms as T
     tf = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor(),
@@ -233,7 +250,7 @@ def cache_path(args, vae, files):
         s = os.stat(f)
         return [os.path.abspath(f), s.st_size, s.st_mtime_ns]
     vae_files = sorted(glob.glob(os.path.join(args.vae, "*"))) if os.path.isdir(args.vae) else []
-    key = json.dumps([[stat(f) for f in files], args.image_size, args.vae, [stat(f) for f in vae_files],
+    key = json.dumps([[stat(f) for f in files], args.images_per_class, args.image_size, args.vae, [stat(f) for f in vae_files],
                       vae.config], sort_keys=True, default=str)
     return os.path.join(os.path.dirname(os.path.abspath(args.run_dir)),
                         f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
