@@ -44,15 +44,15 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--vae", default=None, help="a save_pretrained folder or Hub id; default: SD architecture, random weights")
+    a("--vae", default=None, help="a save_pretrained folder or Hub id (default: the SD architecture, random weights)")
     a("--model", default="DiT-S/2", choices=MODELS, help="the DiT of the timed steps")
     a("--batch-size", type=int, default=16, help="samples per step")
     a("--image-size", type=int, default=64, help="pixels; latents are this / the VAE factor")
     a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, as train.py on CUDA")
-    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped; default all")
+    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped (default: all)")
     a("--lpl-fraction", type=float, default=None,
-      help="share of the batch under the threshold; default: what train.py's default τ gives for eps")
+      help="share of the batch under the threshold (default: what train.py's default τ gives for eps)")
     a("--grad-checkpointing", action="store_true", help="checkpoint the decoder in the headline LPL step")
     a("--warmup", type=int, default=2, help="untimed rounds first")
     a("--reps", type=int, default=11, help="timed rounds; medians are reported")

@@ -54,7 +54,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):  # options defaulting to None say in words what they default to
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser():
@@ -76,9 +77,9 @@ def build_parser():
     a("--run-dir", default="runs/pretrain", help="ckpt.pt, log.jsonl and sample grids go here")
     a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     a("--init-from", default=None, metavar="CKPT", help="start a new run from this checkpoint's weights "
-      "(post-training); its model and paradigm are kept")
+      "(post-training); its model and paradigm are kept. Default: from scratch")
     a("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR exactly where it stopped, "
-      f"writing into RUN_DIR; only {', '.join('--' + f.replace('_', '-') for f in RESUME_OVERRIDES)} may change")
+      f"writing into RUN_DIR (default: a new run); only {', '.join('--' + f.replace('_', '-') for f in RESUME_OVERRIDES)} may change")
     a("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+n)/(10+n)) "
       "over the run's steps n; the paper's baseline, it finds 0.99975 best with LPL")
     a("--label-dropout", type=float, default=0.1, help="share of samples trained with the null class "
