@@ -223,15 +223,17 @@ class LatentPerceptualLoss(nn.Module):
                      (diffusers >= 0.32; earlier versions checkpoint only in training mode, which
                      the frozen VAE is not, and would silently store everything).
 
-    The VAE is used in its own dtype: an fp32 VAE (the authors' choice; fp16 SD decoders overflow)
-    or a bf16 one under autocast. It is held by reference, not registered as a submodule, so the
-    loss has no state of its own (empty state_dict) and lpl.train() leaves the frozen VAE in eval.
+    Latents are cast to the VAE's dtype, so any VAE dtype works, with or without autocast; prefer
+    fp32 (the authors' choice: fp16 SD decoders overflow) or bf16. The VAE is held by reference,
+    not registered as a submodule, so the loss has no state of its own (empty state_dict) and
+    lpl.train() leaves the frozen VAE in eval; moving it to a device is the caller's job.
     """
 
     def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=False, layer_weights="pow2",
                  outliers=True, kernel_ref_size=512, grad_checkpointing=False):
         super().__init__()
-        self.__dict__["vae"] = vae.eval().requires_grad_(False)  # frozen: gradients reach ẑ0, never the VAE
+        # plain attributes, not submodules (see above); frozen: gradients reach ẑ0, never the VAE
+        self.__dict__["vae"] = vae.eval().requires_grad_(False)
         dec = vae.decoder
         blocks = [dec.mid_block, *dec.up_blocks]  # F^{d,l}, l = 1..L: each block's output (Eq. 2)
         n = len(blocks) if num_blocks is None else num_blocks

@@ -39,11 +39,11 @@ MODELS = {
     "DiT-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
     "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
 }
-# w_LPL. The paper's rule (Section 4.1): w_LPL = 3 "roughly corresponds to a fifth of the relative
+# w_LPL. The paper's rule (Section 4.3, Fig. 9): w_LPL = 3 "roughly corresponds to a fifth of the relative
 # contribution to the total loss". Its absolute scale does not carry over (this L_LPL averages
 # standardised features, per layer and channel), so the default is the weight that gives LPL about
 # a fifth of the total on the README's CPU run; log.jsonl reports the share (lpl_share) of any run.
-LPL_WEIGHT = 1.0
+LPL_WEIGHT = 0.8
 # Flags that --resume accepts beside the run's own: they change neither the maths nor the data.
 RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every", "num_workers", "compile")
 
