@@ -852,6 +852,35 @@ def test_bench_runs_and_prints_the_ratios():
     assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot load the VAE" in r.stderr
 
 
+# ================================================================ train_vae.py
+def test_train_vae_writes_a_usable_autoencoder_with_measured_metrics(assets, tmp_path):
+    import train_vae
+    from diffusers import AutoencoderKL
+    out = tmp_path / "vae"
+    argv = ["--data", str(assets / "data"), "--test-data", str(assets / "data"), "--out", str(out),
+            "--image-size", "16", "--batch-size", "4", "--warmup", "1", "--ckpt-every", "1"]
+    train_vae.main([*argv, "--steps", "2"])
+    assert "holds a training state" in one_line_error(train_vae.main, [*argv, "--steps", "3"])
+    train_vae.main([*argv, "--steps", "3", "--resume"])  # continues from step 2
+    assert torch.load(out / "train-state.pt", weights_only=False)["step"] == 3
+    vae = AutoencoderKL.from_pretrained(str(out), low_cpu_mem_usage=False).eval()
+    assert vae.config.latent_channels == 4 and 2.5e6 < sum(p.numel() for p in vae.parameters()) < 3e6
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                          for f in sorted((assets / "data").glob("*/*.png"))])  # ImageFolder's order
+    x = images.float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample.clamp(-1, 1)
+    assert z.shape == (24, 4, 4, 4)
+    metrics_json = json.load(open(out / "metrics.json"))
+    assert vae.config.scaling_factor == pytest.approx(1 / z.std().item(), rel=1e-4)
+    psnr = (10 * torch.log10(1 / ((rec - x) / 2).square().flatten(1).mean(1))).mean().item()
+    assert metrics_json["test_psnr_db"] == pytest.approx(psnr, abs=0.01)
+    assert (out / "reconstructions.png").exists()
+    # and train.py takes it as --vae
+    train.main(train_args(assets, tmp_path / "run", "--vae", str(out), "--steps", "1", "--loss", "lpl"))
+
+
 # ================================================================ metrics.py: FID and spectrum, known answers
 import metrics  # noqa: E402
 
