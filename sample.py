@@ -54,12 +54,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.fid and not args.out_dir:
         fail("--fid needs --out-dir (and --n) to write the samples it measures")
-    if args.out_dir:  # where the output goes is checked before any sampling
-        try:
-            os.makedirs(args.out_dir, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create --out-dir {args.out_dir!r} ({e.strerror})")
-    elif not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    if not args.out_dir and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         fail(f"--out {args.out!r}: the folder {os.path.dirname(os.path.abspath(args.out))!r} does not exist")
     ckpt = load_checkpoint(args.ckpt)
     train_args, classes = ckpt["args"], ckpt["classes"]
@@ -77,6 +72,11 @@ def main(argv=None):
     if vae.config.latent_channels != ckpt["latent_shape"][0]:
         fail(f"the VAE {args.vae or train_args['vae']!r} has {vae.config.latent_channels} latent channels, the "
              f"checkpoint was trained on {ckpt['latent_shape'][0]}: use the VAE it was trained with")
+    if args.out_dir:  # created once the inputs are known to be good, before any sampling
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create --out-dir {args.out_dir!r} ({e.strerror})")
     K = len(classes)
     labels = args.classes if args.classes is not None else list(range(K))
     if any(not 0 <= c < K for c in labels):
