@@ -44,7 +44,9 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
     """
     a, s = _per_sample(alpha_t, z_t), _per_sample(sigma_t, z_t)  # (B, 1, 1, 1) or scalars
     if parameterization == "eps":
-        if (torch.as_tensor(alpha_t) == 0).any():  # pure noise: z_t holds nothing of z0
+        # pure noise: z_t holds nothing of z0. lpl_mask never selects α = 0; this guards other callers
+        # (at the price of one host sync on a GPU)
+        if (torch.as_tensor(alpha_t) == 0).any():
             raise ValueError("ẑ0 is undefined for eps at α_t = 0 (pure noise); select samples with lpl_mask first")
         return (z_t - s * pred) / a
     if parameterization == "v":

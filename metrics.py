@@ -143,11 +143,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_of_features(f1, f2):
-    """FID between two sets of features (N, D)."""
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
-
-
 def load_stats(path):
     """(μ, Σ) from an .npz written by `metrics.py stats`."""
     try:

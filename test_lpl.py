@@ -565,6 +565,34 @@ def test_images_per_class_takes_the_first_of_each_class(assets, tmp_path):
     torch.testing.assert_close(data["z"][2:4], ref["z"][8:10])  # images 0, 1 of class 1
 
 
+def test_imagenet_npz_batches_are_encoded_file_by_file(assets, tmp_path):
+    """Two official-format batches (6 + 4 images): the latents are those of the area-resized images,
+    in file order, with labels 1..3 mapped to 0..2."""
+    rng = np.random.default_rng(0)
+    data = [rng.integers(0, 256, (6, 12288), dtype=np.uint8), rng.integers(0, 256, (4, 12288), dtype=np.uint8)]
+    labels = [np.array([1, 2, 3, 1, 2, 3]), np.array([3, 3, 1, 2])]
+    (tmp_path / "npz").mkdir()
+    for k in range(2):
+        np.savez(tmp_path / "npz" / f"train_data_batch_{k + 1}.npz", data=data[k], labels=labels[k])
+    argv = ["--data", str(tmp_path / "npz"), *train_args(assets, tmp_path / "r", "--steps", "1", "--batch-size", "4")[2:]]
+    train.main(argv)
+    (cache,) = tmp_path.glob("latents-*.pt")
+    got = torch.load(cache)
+    x = torch.from_numpy(np.concatenate(data)).view(-1, 3, 64, 64).float() / 127.5 - 1
+    x = torch.nn.functional.interpolate(x, size=16, mode="area")
+    vae = AutoencoderKL.from_pretrained(str(assets / "vae"), low_cpu_mem_usage=False)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(got["z"][:10].float(), z, atol=2e-3, rtol=1e-2)  # cached in fp16
+    torch.testing.assert_close(got["z"][10:].float(), vae.encode(x.flip(-1)).latent_dist.mean.detach()
+                               * vae.config.scaling_factor, atol=2e-3, rtol=1e-2)
+    assert got["y"].tolist() == (np.concatenate(labels) - 1).tolist() * 2 and got["classes"] == ["0", "1", "2"]
+    train.main(["--data", str(tmp_path / "npz"), *train_args(assets, tmp_path / "r2", "--steps", "1",
+                                                              "--batch-size", "2", "--images-per-class", "1")[2:]])
+    (small,) = [c for c in tmp_path.glob("latents-*.pt") if c != cache]
+    assert torch.load(small)["y"].tolist() == [0, 1, 2] * 2  # the first image of each class
+
+
 def test_cache_follows_the_data_and_survives_truncation(assets, tmp_path, capsys):
     data = tmp_path / "data"
     write_pngs(data, classes=("a", "b"), per_class=4)
@@ -738,7 +766,7 @@ def test_bad_input_is_one_line(assets, tmp_path):
     np.savez(npz / "train_data_batch_1.npz", data=np.zeros((4, 100), np.uint8), labels=np.ones(4))
     (tmp_path / "file").write_text("")
     (tmp_path / "junk.pt").write_bytes(b"")
-    torch.save({"weights": 1}, tmp_path / "notckpt" if False else tmp_path / "other.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
     (tmp_path / "notrun").mkdir()
     torch.save({"weights": 1}, tmp_path / "notrun" / "ckpt.pt")
     r = str(tmp_path / "run")
@@ -885,6 +913,10 @@ def test_train_vae_writes_a_usable_autoencoder_with_measured_metrics(assets, tmp
 import metrics  # noqa: E402
 
 
+def fid_of_features(f1, f2):
+    return metrics.frechet_distance(*metrics.gaussian_stats(f1), *metrics.gaussian_stats(f2))
+
+
 def test_frechet_distance_of_known_gaussians():
     """N(0, I) vs N(a·1, s²I) in D dims: FID = D·(a² + (1 − s)²), and 0 for equal statistics."""
     D, a, s = 16, 0.3, 2.0
@@ -902,7 +934,7 @@ def test_frechet_distance_of_known_gaussians():
 def test_frechet_distance_with_fewer_samples_than_dimensions_is_finite():
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.5  # rank-9 covariances
-    v = metrics.fid_of_features(f1, f2)
+    v = fid_of_features(f1, f2)
     assert math.isfinite(v) and v > 0
 
 
@@ -973,7 +1005,7 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
         ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
         feats = metrics.features_of_files(metrics.image_files(str(tmp_path / "s")), ext)
         ref_feats = metrics.features_of_files(metrics.image_files(str(assets / "data")), ext)
-        assert printed == pytest.approx(metrics.fid_of_features(feats, ref_feats), abs=1e-4)
+        assert printed == pytest.approx(fid_of_features(feats, ref_feats), abs=1e-4)
 
 
 def test_curves_plot_from_train_logs(assets, tmp_path):

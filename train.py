@@ -12,6 +12,7 @@ z_t = α_t z0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t). flow:
 t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t, σ_t = t.
 """
 import argparse
+import bisect
 import copy
 import fcntl
 import functools
@@ -22,6 +23,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -192,13 +194,49 @@ def read_rgb(path):
         raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from None
 
 
+class NpzImages(torch.utils.data.Dataset):
+    """The official downsampled ImageNet 64x64: .npz batches with 'data' (N x 12288 uint8 rows) and
+    'labels' (1..1000). Labels and array headers are read up front, so a malformed file fails before
+    any work; pixels are read one file at a time (1.28M images are never all in memory)."""
+
+    def __init__(self, files, size):
+        self.files, self.size, self.cached = files, size, (None, None)
+        labels, self.starts = [], [0]
+        for f in files:
+            try:
+                with zipfile.ZipFile(f) as z, z.open("data.npy") as h:
+                    version = np.lib.format.read_magic(h)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(h)
+                with np.load(f) as part:
+                    y = part["labels"].astype(np.int64) - 1
+                if shape != (len(y), 3 * 64 * 64) or dtype != np.uint8 or y.min() < 0:
+                    raise ValueError(f"'data' {shape} {dtype}, {len(y)} labels from {y.min() + 1}")
+            except Exception as e:
+                fail(f"{f} is not an ImageNet 64x64 batch ('data': N x 12288 uint8, 'labels': 1..1000): "
+                     f"{type(e).__name__}: {e}".replace("\n", " "))
+            labels.append(torch.from_numpy(y))
+            self.starts.append(self.starts[-1] + len(y))
+        self.targets = torch.cat(labels)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1  # the file holding image i
+        if self.cached[0] != k:
+            with np.load(self.files[k]) as part:
+                self.cached = (k, part["data"])
+        x = torch.from_numpy(self.cached[1][i - self.starts[k]]).view(1, 3, 64, 64).float() / 127.5 - 1
+        return F.interpolate(x, size=self.size, mode="area")[0], int(self.targets[i])  # (3, size, size)
+
+
 def image_dataset(args):
     """The images in [-1, 1] with integer labels, and the files they come from (the cache key)."""
     ds, classes, files = _image_dataset(args)
     if args.images_per_class:  # the first N of each class, in the dataset's own order
-        labels = ds.tensors[1].tolist() if isinstance(ds, torch.utils.data.TensorDataset) else ds.targets
         seen, idx = {}, []
-        for i, y in enumerate(labels):
+        for i, y in enumerate(torch.as_tensor(ds.targets).tolist()):
             seen[y] = seen.get(y, 0) + 1
             if seen[y] <= args.images_per_class:
                 idx.append(i)
@@ -221,22 +259,9 @@ def _image_dataset(args):
     if not os.path.isdir(args.data):
         fail(f"--data {args.data!r} is neither 'cifar10' nor an existing folder")
     npz = sorted(glob.glob(os.path.join(args.data, "*.npz")))
-    if npz:  # official downsampled ImageNet: uint8 rows of 3*64*64, labels 1..1000
-        xs, ys = [], []
-        for f in npz:
-            try:
-                with np.load(f) as part:
-                    xs.append(torch.from_numpy(part["data"]).view(-1, 3, 64, 64))
-                    ys.append(torch.from_numpy(part["labels"].astype(np.int64)) - 1)
-            except Exception as e:
-                fail(f"{f} is not an ImageNet 64x64 batch ('data': N x 12288 uint8, 'labels': 1..1000): "
-                     f"{type(e).__name__}: {e}".replace("\n", " "))
-        x, y = torch.cat(xs), torch.cat(ys)
-        if len(y) != len(x) or y.min() < 0:
-            fail(f"the .npz batches in {args.data} have {len(x)} images, {len(y)} labels, smallest label "
-                 f"{int(y.min()) + 1}: labels must be 1..1000, one per image")
-        x = F.interpolate(x.float() / 127.5 - 1, size=args.image_size, mode="area")
-        return torch.utils.data.TensorDataset(x, y), [str(i) for i in range(int(y.max()) + 1)], npz
+    if npz:  # official downsampled ImageNet
+        ds = NpzImages(npz, args.image_size)
+        return ds, [str(i) for i in range(int(ds.targets.max()) + 1)], npz
     try:
         ds = D.ImageFolder(args.data, transform=tf, loader=read_rgb)
     except (FileNotFoundError, RuntimeError) as e:
@@ -590,7 +615,7 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
                 if m.any():  # (a sync, to skip decoding) E[δ·L]: the selected samples' losses, summed, / B
                     z0_hat = z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm)
                     loss_lpl = lpl(z0_hat, z0[m]).sum() / B
-            loss = loss_diff + (args.lpl_weight * loss_lpl if lpl is not None else 0)
+            loss = loss_diff + args.lpl_weight * loss_lpl  # loss_lpl = 0 when LPL is off
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
