@@ -90,9 +90,12 @@ class InceptionFeatures:
     """uint8 images (B, 3, H, W) -> (B, 2048) pool features of the FID network."""
 
     def __init__(self, path=None, device="cpu"):
-        with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is TorchScript
+        with warnings.catch_warnings():  # TorchScript's deprecation notices: the file is TorchScript
             warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(path or inception_path(), map_location=device).eval()
+            net = torch.jit.load(path or inception_path(), map_location=device).eval()
+            # Freezing inlines the weights and lets TorchScript fold the graph: the same features
+            # to the last bit on CPU (checked on CIFAR-10 images), 10-20% faster.
+            self.net = torch.jit.optimize_for_inference(torch.jit.freeze(net))
         self.device = device
 
     @torch.no_grad()
@@ -267,8 +270,8 @@ def main(argv=None):
     st.add_argument("out", help="the .npz to write")
     st.add_argument("--n", type=int, default=None, help="draw N images at random (default: all)")
     st.add_argument("--seed", type=int, default=0, help="seeds the draw")
-    sp = sub.add_parser("spectrum", formatter_class=HelpFormatter, help="power spectrum error of a folder against another")
-    sp.add_argument("a", help="image folder (e.g. generated)")
+    sp = sub.add_parser("spectrum", formatter_class=HelpFormatter, help="power spectrum error of folders against a reference")
+    sp.add_argument("a", nargs="+", help="image folder(s), e.g. generated; each is compared with the last folder")
     sp.add_argument("b", help="image folder (reference)")
     sp.add_argument("--n", type=int, default=None, help="draw N images at random from each folder (default: all)")
     sp.add_argument("--plot", default=None, help="also write a log-log plot here (default: none)")
@@ -309,10 +312,14 @@ def main(argv=None):
         if len(fids) > 1:
             print(f"FID mean {np.mean(fids):.4f}, std {np.std(fids, ddof=1):.4f}, range {min(fids):.4f}-{max(fids):.4f}")
     else:
-        spectra = [folder_spectrum(f, args.n) for f in (args.a, args.b)]
-        print(f"spectrum error {spectrum_error(*spectra):.4f} (mean |log power ratio| over {len(spectra[0])} frequencies)")
+        ref = folder_spectrum(args.b, args.n)
+        spectra = {f: folder_spectrum(f, args.n) for f in args.a}
+        for f, p_gen in spectra.items():
+            print(f"spectrum error {spectrum_error(p_gen, ref):.4f}  {f} against {args.b} "
+                  f"(mean |log power ratio| over {len(ref)} frequencies)")
         if args.plot:
-            plot_spectra({os.path.basename(os.path.normpath(f)): s for f, s in zip((args.a, args.b), spectra)}, args.plot)
+            label = lambda f: os.path.basename(os.path.normpath(f))  # noqa: E731
+            plot_spectra({**{label(f): p for f, p in spectra.items()}, label(args.b): ref}, args.plot)
             print(f"wrote {args.plot}")
 
 

@@ -1019,10 +1019,12 @@ def test_curves_plot_from_train_logs(assets, tmp_path):
     assert "cannot read" in one_line_error(metrics.main, ["curves", str(tmp_path / "bad.jsonl")])
 
 
-def test_metrics_cli(tmp_path):
+def test_metrics_cli(tmp_path, capsys):
     write_pngs(tmp_path / "a", classes=("x",), per_class=6)
     write_pngs(tmp_path / "b", classes=("y",), per_class=6, seed=1)
-    metrics.main(["spectrum", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "s.png")])
+    metrics.main(["spectrum", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a"), "--plot", str(tmp_path / "s.png")])
+    errors = [float(line.split()[2]) for line in capsys.readouterr().out.splitlines() if line.startswith("spectrum error")]
+    assert errors[0] == 0 and errors[1] > 0  # each folder against the last one: a against itself is 0
     assert Image.open(tmp_path / "s.png").size[0] > 100
     assert "must share one size" in one_line_error(metrics.main, ["spectrum", str(tmp_path), str(tmp_path / "b")])
     (tmp_path / "empty").mkdir()
