@@ -11,7 +11,9 @@ Read this file beside Section 3 of the paper; it follows the section top to bott
     L_LPL = δ Σ_l ω_l/C_l Σ_c ‖ρ ⊙ (ϕ' − ϕ̂')‖²         Eq. 3                  LatentPerceptualLoss.forward
     L_tot = L_Diff + w_LPL · L_LPL                     Section 3.2            (the trainer)
 
-It imports only torch and can be copied alone: the VAE is a diffusers `AutoencoderKL` passed in.
+It imports only torch and can be copied alone: the autoencoder is passed in, a diffusers one
+(AutoencoderKL of any SD/SDXL/SD3/FLUX.1 config, FLUX.2, Qwen-Image, Wan, DC-AE, TAESD, VQModel) or
+any decoder, given its blocks and a decode function (see LatentPerceptualLoss).
 The loss takes latents; the trainer decides on which samples to call it:
 
     lpl = LatentPerceptualLoss(vae)                                   # frozen, features from hooks
@@ -207,14 +209,88 @@ def depth_weights(widths, scheme="pow2"):
     raise ValueError(f"layer_weights must be 'pow2' or 'uniform', got {scheme!r}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Eq. 2 needs F^{d,l}: the decoder up to block l, fed the latent exactly as the autoencoder's own
+# decode path is fed. Each family keeps its latents in a different scale for the diffusion model, so
+# each gets (1) the blocks to tap, in decoding order, and (2) `decode`, which maps a latent in the
+# diffusion model's scale back to the autoencoder's and runs its own decode. Features are grabbed by
+# hooks on the tapped blocks; decoding stops right after the last one (nothing later is used).
+# ----------------------------------------------------------------------------------------------
+SUPPORTED = ("AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1, ...), AutoencoderKLFlux2, AutoencoderKLQwenImage, "
+             "AutoencoderKLWan (single frames), AutoencoderDC, AutoencoderTiny, VQModel")
+
+
+def decoder_taps(vae):
+    """(taps, decode, latent_channels) for a diffusers autoencoder; see the table in the README.
+
+    taps:   the blocks F^{d,l} ends at, in the order the decoder runs them.
+    decode: z (B, C, h, w), or (B, C, 1, h, w) for the video families, in the diffusion model's
+            scale -> runs the autoencoder's own decode path on it (the hooks stop it early).
+    """
+    names = {c.__name__ for c in type(vae).__mro__}
+    cfg, dec = getattr(vae, "config", None), getattr(vae, "decoder", None)
+    if "AutoencoderKLFlux2" in names:
+        # Latents are standardised with the running statistics of a BatchNorm over the 2x2-patchified
+        # latent (FLUX.2's pipeline); here they keep the unpatchified shape encode returns, so
+        # channel c at position (y, x) uses the statistics of patch channel (c, y mod p, x mod q).
+        p, q = cfg.patch_size
+
+        def decode(z):  # (B, C, h, w)
+            if z.shape[-2] % p or z.shape[-1] % q:
+                raise ValueError(f"FLUX.2 latents must have a height and width divisible by the patch "
+                                 f"size {p}x{q}, got {tuple(z.shape)}")
+            mean = vae.bn.running_mean.view(-1, p, q)  # (C, p, q)
+            std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt()  # (C, p, q)
+            reps = (1, z.shape[-2] // p, z.shape[-1] // q)
+            return vae.decode(z * std.repeat(reps).to(z) + mean.repeat(reps).to(z)).sample
+        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
+    if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:
+        # A causal 3-D VAE; an image is one frame. Latents are standardised per channel with the
+        # config's latents_mean / latents_std (as in the Qwen-Image and Wan pipelines).
+        def decode(z):  # (B, C, h, w) or (B, C, 1, h, w)
+            z = z.unsqueeze(2) if z.dim() == 4 else z  # (B, C, 1, h, w)
+            if z.shape[2] != 1:
+                raise ValueError(f"LPL takes single-frame latents from {type(vae).__name__}, got {tuple(z.shape)}")
+            mean = z.new_tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+            std = z.new_tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+            return vae.decode(z * std + mean).sample
+        return [dec.mid_block, *dec.up_blocks], decode, cfg.z_dim
+    if "AutoencoderDC" in names:
+        # DC-AE runs its up blocks from the last to the first; a stage with no layers is empty.
+        taps = [b for b in reversed(dec.up_blocks) if len(b) > 0]
+        return taps, (lambda z: vae.decode(z / cfg.scaling_factor).sample), cfg.latent_channels
+    if "AutoencoderTiny" in names:
+        # TAESD's decoder is one Sequential; a "block" is each resolution's last residual block.
+        layers = list(dec.layers)
+        taps = [m for i, m in enumerate(layers) if type(m).__name__ == "AutoencoderTinyBlock"
+                and (i + 1 == len(layers) or type(layers[i + 1]).__name__ != "AutoencoderTinyBlock")]
+        decode = lambda z: vae.decode(z / cfg.scaling_factor + (getattr(cfg, "shift_factor", 0.0) or 0.0)).sample  # noqa: E731
+        return taps, decode, cfg.latent_channels
+    if "VQModel" in names:
+        # The decoder is run on the continuous latent, without the codebook lookup (as Kandinsky's
+        # pipelines decode): quantizing ẑ0 and z0 would make the loss piecewise constant.
+        decode = lambda z: vae.decode(z / cfg.scaling_factor, force_not_quantize=True).sample  # noqa: E731
+        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
+    if "AutoencoderKL" in names and hasattr(dec, "mid_block") and hasattr(dec, "up_blocks"):
+        # SD's scale (and SD3/FLUX.1's shift): z_diffusion = (z − shift) · scaling_factor
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        decode = lambda z: vae.decode(z / cfg.scaling_factor + shift).sample  # noqa: E731
+        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
+    raise ValueError(f"LatentPerceptualLoss cannot read a {type(vae).__name__}: built in are {SUPPORTED}. "
+                     f"For any other decoder pass taps=[its blocks, in decoding order] and "
+                     f"decode=fn(latent) -> image (see the README, 'Your own decoder')")
+
+
 class _StopDecoding(Exception):
     pass
 
 
 class LatentPerceptualLoss(nn.Module):
-    """Eq. 3 on a frozen diffusers AutoencoderKL; forward(ẑ0, z0) -> (B,) per-sample loss.
+    """Eq. 3 on a frozen autoencoder; forward(ẑ0, z0) -> (B,) per-sample loss.
 
-    num_blocks:      decoder blocks tapped, mid block first (Fig. 7); None = all (5 for SD VAEs).
+    vae:             a diffusers autoencoder of a family in SUPPORTED, or any nn.Module with
+                     taps and decode given (bring your own decoder).
+    num_blocks:      decoder blocks tapped, first block first (Fig. 7); None = all (5 for SD VAEs).
     normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3).
     detach_sigma:    treat the shared σ̂ as a constant (no gradient through the statistics).
     layer_weights:   "pow2" (ω_l = 2^(−r_l), the paper's) | "uniform" (Section 4.3).
@@ -222,8 +298,13 @@ class LatentPerceptualLoss(nn.Module):
     kernel_ref_size: map width at which Algorithm 1's kernels (5, 3) apply as they are; narrower
                      maps get proportionally smaller kernels (Section 4.1). 512: the paper's images.
     grad_checkpointing: recompute the decoder blocks in backward instead of storing activations
-                     (diffusers >= 0.32; earlier versions checkpoint only in training mode, which
-                     the frozen VAE is not, and would silently store everything).
+                     (diffusers >= 0.32, AutoencoderKL-type decoders, which checkpoint each block;
+                     earlier versions checkpoint only in training mode, which the frozen VAE is
+                     not, and would silently store everything).
+    taps, decode, latent_channels: bring your own decoder. taps: the modules whose outputs are ϕ_l,
+                     in the order the decoder runs them; decode: fn(z) running the decoder on a
+                     latent in the diffusion model's scale (undo your scaling inside it);
+                     latent_channels: C of the latents. Given, they replace the built-in reading.
 
     Latents are cast to the VAE's dtype, so any VAE dtype works, with or without autocast; prefer
     fp32 (the authors' choice: fp16 SD decoders overflow) or bf16. The VAE is held by reference,
@@ -232,62 +313,65 @@ class LatentPerceptualLoss(nn.Module):
     """
 
     def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=False, layer_weights="pow2",
-                 outliers=True, kernel_ref_size=512, grad_checkpointing=False):
+                 outliers=True, kernel_ref_size=512, grad_checkpointing=False, taps=None, decode=None,
+                 latent_channels=None):
         super().__init__()
-        # plain attributes, not submodules (see above); frozen: gradients reach ẑ0, never the VAE
-        self.__dict__["vae"] = vae.eval().requires_grad_(False)
-        dec = vae.decoder
-        blocks = [dec.mid_block, *dec.up_blocks]  # F^{d,l}, l = 1..L: each block's output (Eq. 2)
-        n = len(blocks) if num_blocks is None else num_blocks
-        if not 1 <= n <= len(blocks):
-            raise ValueError(f"num_blocks must be in 1..{len(blocks)} for this VAE (mid block + "
-                             f"{len(blocks) - 1} up blocks), got {num_blocks}")
-        self.__dict__["taps"] = blocks[:n]
-        self.__dict__["stop_at"] = dec.up_blocks[n - 1] if n < len(blocks) else dec.conv_norm_out  # next module
+        if (taps is None) != (decode is None) or (taps is None) != (latent_channels is None):
+            raise ValueError("bring-your-own decoder: pass taps, decode and latent_channels together")
+        if taps is None:
+            taps, decode, latent_channels = decoder_taps(vae)
+        elif not taps or not all(isinstance(m, nn.Module) for m in taps):
+            raise ValueError("taps must be a non-empty list of the decoder's modules, in decoding order")
+        n = len(taps) if num_blocks is None else num_blocks
+        if not 1 <= n <= len(taps):
+            raise ValueError(f"num_blocks must be in 1..{len(taps)} for this {type(vae).__name__} "
+                             f"({len(taps)} decoder blocks), got {num_blocks}")
         if normalization not in ("shared", "separate"):
             raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
+        if grad_checkpointing:
+            if not {"Decoder"} & {c.__name__ for c in type(getattr(vae, "decoder", None)).__mro__}:
+                raise ValueError(f"grad_checkpointing needs a decoder that checkpoints each block "
+                                 f"(AutoencoderKL, AutoencoderKLFlux2); {type(vae).__name__} does not")
+            vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
+        # plain attributes, not submodules (see above); frozen: gradients reach ẑ0, never the VAE
+        self.__dict__["vae"] = vae.eval().requires_grad_(False)
+        self.__dict__["taps"] = list(taps)[:n]
+        self.__dict__["decode"] = decode
+        self.latent_channels = latent_channels
         self.normalization, self.detach_sigma = normalization, detach_sigma
         self.outliers, self.kernel_ref_size = outliers, kernel_ref_size
-        if grad_checkpointing:
-            vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
-        self.latent_channels = vae.config.latent_channels
-        self.scaling_factor = vae.config.scaling_factor
-        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs
         p = next(vae.parameters())
         with torch.no_grad():  # one tiny dry run gives the tapped maps' widths, hence r_l and ω_l
-            widths = [f.shape[-1] for f in self.features(p.new_zeros(1, self.latent_channels, 2, 2))]
+            widths = [f.shape[-1] for f in self.features(p.new_zeros(1, latent_channels, 2, 2))]
         self.layer_weights = depth_weights(widths, layer_weights)  # ω_1..ω_L
 
     def features(self, z):
         """Eq. 2: [ϕ_1, ..., ϕ_L] for z (B, C, h, w) in the diffusion model's latent scale."""
-        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+        if z.dim() not in (4, 5) or z.shape[1] != self.latent_channels:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE: expected "
                              f"(B, {self.latent_channels}, h, w); is it the same VAE that encoded the data?")
         if min(z.shape[-2:]) < 2:  # a 1x1 map has no spatial variance: σ̂ = √eps would blow the loss up
             raise ValueError(f"latent of shape {tuple(z.shape)} is too small: the per-channel "
                              f"standardisation (Section 3.2) needs maps of at least 2x2")
-        vae = self.vae
-        z = z.to(next(vae.parameters()).dtype)  # (B, C, h, w) in the VAE's dtype (fp16/bf16/fp64 in)
-        z = z / self.scaling_factor + self.shift_factor  # back to the VAE's own scale
-        if vae.post_quant_conv is not None:  # exactly as vae.decode does
-            z = vae.post_quant_conv(z)
-        feats = []
+        z = z.to(next(self.vae.parameters()).dtype)  # in the VAE's dtype (fp16/bf16/fp64 in)
+        feats, last = [], self.taps[-1]
 
         def grab(module, args, out):
-            feats.append(out)
-
-        def stop(module, args):  # runs before the first block whose output no layer uses
-            raise _StopDecoding
+            feats.append(out[:, :, 0] if out.dim() == 5 else out)  # one frame of a video decoder
+            if module is last:  # nothing after the last tapped block is used
+                raise _StopDecoding
 
         hooks = [b.register_forward_hook(grab) for b in self.taps]
-        hooks.append(self.stop_at.register_forward_pre_hook(stop))
         try:
-            vae.decoder(z)
+            self.decode(z)
         except _StopDecoding:
             pass
         finally:
             for h in hooks:
                 h.remove()
+        if len(feats) != len(self.taps):  # a tap the decoder never calls as a module, or calls twice
+            raise ValueError(f"the decoder ran {len(feats)} of the {len(self.taps)} tapped modules before the "
+                             f"last one: pass modules the decoder calls once each, in decoding order")
         return feats  # [(B, C_l, H_l, W_l)] for l = 1..L
 
     def forward(self, z0_hat, z0):

@@ -1,5 +1,5 @@
-"""Tests for lpl.py (and the trainer). CPU only, no network: every VAE here is a tiny random
-AutoencoderKL built in the test, every image a synthetic PNG. Run: python -m pytest -q test_lpl.py"""
+"""Tests for lpl.py (and the trainer). CPU only, no network: every autoencoder here is a tiny random
+one built from config in the test, every image a synthetic PNG. Run: python -m pytest -q test_lpl.py"""
 import math
 import os
 
@@ -205,6 +205,170 @@ def test_decoder_stops_after_last_tapped_block():
     assert calls == []
     LatentPerceptualLoss(vae)(zh, z)  # all 5 taps: every block runs, but not the output conv
     assert "out" not in calls and "up3" in calls
+
+
+# ---------------------------------------------------------------- autoencoder families
+def tiny_family(name):
+    """(vae, to_vae_scale, taps): a tiny random autoencoder of each family, the map from the diffusion
+    model's latent to the autoencoder's (written as each family's pipeline does it) and the blocks
+    whose outputs should be ϕ_l, in decoding order. Normalisations are made non-trivial."""
+    import diffusers
+    cls = {"flux2": "AutoencoderKLFlux2", "qwen": "AutoencoderKLQwenImage", "wan": "AutoencoderKLWan"}.get(name)
+    if cls and not hasattr(diffusers, cls):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {cls}")
+    torch.manual_seed(0)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 2.0, 0.5, 1.0]
+    if name == "flux2":
+        vae = diffusers.AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                           latent_channels=4, norm_num_groups=4)
+        vae.bn.running_mean.normal_()
+        vae.bn.running_var.uniform_(0.5, 2.0)
+
+        def to_vae(z):  # FLUX.2's pipeline: patchify, de-standardise, unpatchify
+            B, C, h, w = z.shape
+            p = z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, C * 4, h // 2, w // 2)
+            p = p * (vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).sqrt() + vae.bn.running_mean.view(1, -1, 1, 1)
+            return p.reshape(B, C, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(B, C, h, w)
+        return vae.eval(), to_vae, [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    if name in ("qwen", "wan"):
+        cls = diffusers.AutoencoderKLQwenImage if name == "qwen" else diffusers.AutoencoderKLWan
+        vae = cls(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False],
+                  latents_mean=mean, latents_std=std)
+        m, inv_s = torch.tensor(mean).view(1, 4, 1, 1, 1), 1 / torch.tensor(std).view(1, 4, 1, 1, 1)
+        to_vae = lambda z: (z if z.dim() == 5 else z[:, :, None]) / inv_s + m  # noqa: E731  (the pipelines')
+        return vae.eval(), to_vae, [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    if name == "dc":
+        vae = diffusers.AutoencoderDC(latent_channels=4, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+                                      encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+                                      encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(0, 1, 1),
+                                      encoder_qkv_multiscales=((),) * 3, decoder_qkv_multiscales=((),) * 3,
+                                      decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41)
+        ups = vae.decoder.up_blocks  # run from last to first; the first stage has no layers here
+        return vae.eval(), (lambda z: z / 0.41), [ups[2], ups[1]]
+    if name == "tiny":
+        vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                        num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(2, 1, 1), latent_channels=4,
+                                        scaling_factor=0.7)
+        L = vae.decoder.layers  # conv, act, [block, block], up, conv, [block], up, conv, [block], conv
+        return vae.eval(), (lambda z: z / 0.7), [L[3], L[6], L[9]]
+    if name == "vq":
+        vae = diffusers.VQModel(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                                latent_channels=4, num_vq_embeddings=16, vq_embed_dim=4, scaling_factor=0.3)
+        return vae.eval(), (lambda z: z / 0.3), [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    raise KeyError(name)
+
+
+FAMILIES = ["flux2", "qwen", "wan", "dc", "tiny", "vq"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_features_equal_activations_of_its_own_decode(name):
+    vae, to_vae, taps = tiny_family(name)
+    lpl = LatentPerceptualLoss(vae)
+    z = torch.randn(2, 4, 4, 4)
+    acts = []
+    hooks = [b.register_forward_hook(lambda m, a, o: acts.append(o)) for b in taps]
+    with torch.no_grad():  # the ordinary decode, run to the end, with its input de-normalised as the pipelines do
+        x = to_vae(z)
+        vae.decode(x, force_not_quantize=True) if name == "vq" else vae.decode(x)
+    for h in hooks:
+        h.remove()
+    feats = lpl.features(z)
+    assert len(feats) == len(taps) == len(lpl.layer_weights)
+    for f, a in zip(feats, acts):
+        torch.testing.assert_close(f, a[:, :, 0] if a.dim() == 5 else a)  # float32 tolerance: z·s vs z/(1/s)
+    widths = [f.shape[-1] for f in feats]
+    assert lpl.layer_weights == [widths[0] / w for w in widths]  # 2^-r_l: halved at each doubling
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_loss_zero_at_target_positive_otherwise_gradient_only_to_prediction(name):
+    vae, _, _ = tiny_family(name)
+    lpl = LatentPerceptualLoss(vae)
+    z0 = torch.randn(3, 4, 4, 4)
+    z0_hat = z0.clone().requires_grad_()
+    loss = lpl(z0_hat, z0)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros(3)) and torch.equal(z0_hat.grad, torch.zeros_like(z0))
+    z0_hat = (z0 + 0.3 * torch.randn_like(z0)).requires_grad_()
+    loss = lpl(z0_hat, z0)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and (loss > 0).all() and z0_hat.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in vae.parameters())
+
+
+def test_family_latents_keep_the_shape_encode_returns():
+    """Qwen-Image / Wan encode to (B, C, 1, h, w): the loss takes that shape, or the frame axis
+    dropped, with the same value; FLUX.2 latents keep encode's unpatchified (B, C, h, w)."""
+    vae, _, _ = tiny_family("qwen")
+    lpl = LatentPerceptualLoss(vae)
+    with torch.no_grad():
+        z0 = vae.encode(torch.rand(2, 3, 1, 16, 16) * 2 - 1).latent_dist.mean  # (2, 4, 1, 8, 8)
+    assert z0.shape == (2, 4, 1, 8, 8)
+    z0_hat = z0 + 0.1
+    torch.testing.assert_close(lpl(z0_hat, z0), lpl(z0_hat[:, :, 0], z0[:, :, 0]))
+    with pytest.raises(ValueError, match="single-frame"):
+        lpl(torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 2, 4, 4))
+    vae, _, _ = tiny_family("flux2")
+    with torch.no_grad():
+        z0 = vae.encode(torch.rand(2, 3, 16, 16) * 2 - 1).latent_dist.mean
+    assert LatentPerceptualLoss(vae)(z0 + 0.1, z0).shape == (2,)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        LatentPerceptualLoss(vae)(torch.randn(1, 4, 5, 4), torch.randn(1, 4, 5, 4))
+
+
+def test_bring_your_own_decoder():
+    """A decoder diffusers does not know (a CompVis-style one: blocks stored last-first, its own
+    latent scale): taps + decode + latent_channels give features equal to its activations."""
+    class MyDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.up = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.SiLU(),
+                                                               torch.nn.Upsample(scale_factor=2)) for _ in range(3)])
+            self.conv_out = torch.nn.Conv2d(8, 3, 3, padding=1)
+
+        def forward(self, z):
+            h = self.conv_in(z)
+            for block in reversed(self.up):  # like CompVis' decoder, the last block runs first
+                h = block(h)
+            return self.conv_out(h)
+    torch.manual_seed(0)
+    dec = MyDecoder()
+    taps = list(reversed(dec.up))
+    lpl = LatentPerceptualLoss(dec, taps=taps, decode=lambda z: dec(z / 0.25), latent_channels=4)
+    z = torch.randn(2, 4, 4, 4)
+    h, ref = dec.conv_in(z / 0.25), []
+    for block in taps:
+        h = block(h)
+        ref.append(h)
+    for f, r in zip(lpl.features(z), ref):
+        torch.testing.assert_close(f, r, rtol=0, atol=0)
+    assert lpl.layer_weights == [1.0, 0.5, 0.25]
+    z0_hat = z.clone().requires_grad_()
+    lpl(z0_hat, z).sum().backward()
+    assert torch.equal(z0_hat.grad, torch.zeros_like(z))
+    assert LatentPerceptualLoss(dec, num_blocks=2, taps=taps, decode=lambda z: dec(z), latent_channels=4).layer_weights == [1.0, 0.5]
+    with pytest.raises(ValueError, match="together"):
+        LatentPerceptualLoss(dec, taps=taps)
+    with pytest.raises(ValueError, match="ran 2 of the 3 tapped modules"):  # a module the decoder never calls
+        LatentPerceptualLoss(dec, taps=[taps[0], dec.conv_out, taps[1]], decode=dec, latent_channels=4)
+    with pytest.raises(ValueError, match="ran 1 of the 2 tapped modules"):  # out of decoding order
+        LatentPerceptualLoss(dec, taps=[taps[1], taps[0]], decode=dec, latent_channels=4)
+
+
+def test_unsupported_autoencoder_is_one_clear_error():
+    import diffusers
+    vae = diffusers.AutoencoderKLTemporalDecoder(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+                                                 layers_per_block=1, latent_channels=4)
+    with pytest.raises(ValueError, match=r"cannot read a AutoencoderKLTemporalDecoder: built in are AutoencoderKL.*taps="):
+        LatentPerceptualLoss(vae)
+    with pytest.raises(ValueError, match="cannot read a Linear"):
+        LatentPerceptualLoss(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="grad_checkpointing needs a decoder that checkpoints each block"):
+        LatentPerceptualLoss(tiny_family("tiny")[0], grad_checkpointing=True)
 
 
 # ---------------------------------------------------------------- Eq. 3: the loss
