@@ -19,6 +19,7 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py stats FOLDER ref.npz             # a folder's FID statistics, computed once
     python metrics.py spectrum FOLDER_A FOLDER_B --plot spectrum.png
     python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
+    python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
 import argparse
 import glob
@@ -254,6 +255,48 @@ def plot_curves(logs, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------ outlier maps (Fig. 13)
+def outlier_maps(vae, x, path, channels=4):
+    """The paper's Fig. 13 for one image x (1, 3, H, W) uint8: encode it, decode it through the
+    taps LatentPerceptualLoss uses, and plot for each tapped layer the `channels` channels with the
+    most masked positions, with Algorithm 1's mask in red. Returns each layer's masked fraction."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lpl import LatentPerceptualLoss
+    lpl = LatentPerceptualLoss(vae)
+    with torch.no_grad():
+        p = next(vae.parameters())
+        z = vae.encode(x.to(p) / 127.5 - 1).latent_dist.mean  # (1, C, h, w), the VAE's own scale
+        z = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        feats = lpl.features(z)
+    masked = [1 - lpl.outlier_mask(f).float().mean().item() for f in feats]  # per layer, over all channels
+    fig, axes = plt.subplots(len(feats), channels + 1, figsize=(1.6 * (channels + 1), 1.7 * len(feats)),
+                             dpi=100, squeeze=False)
+    for row, (f, frac) in enumerate(zip(feats, masked)):
+        f = f[0].float()  # (C_l, H_l, W_l)
+        keep = lpl.outlier_mask(f[None])[0]  # (C_l, H_l, W_l) bool
+        order = (~keep).flatten(1).float().mean(1).argsort(descending=True)[:channels]
+        ax = axes[row, 0]
+        if row == 0:
+            ax.imshow(x[0].permute(1, 2, 0).numpy())
+        else:
+            ax.set_axis_off()
+        ax.set_title(f"block {row + 1}: {f.shape[0]}x{f.shape[1]}x{f.shape[2]}\n{100 * frac:.2f}% masked", fontsize=7)
+        for c, ax in zip(order.tolist(), axes[row, 1:]):
+            ax.imshow(f[c].numpy(), cmap="gray")
+            red = np.zeros((*f.shape[1:], 4))
+            red[..., 0], red[..., 3] = 1.0, 0.6 * (~keep[c]).numpy()
+            ax.imshow(red)
+            ax.set_title(f"ch {c}: {100 * (~keep[c]).float().mean():.1f}%", fontsize=7)
+        for ax in axes[row]:
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return masked
+
+
 # ------------------------------------------------------------------------------ command line
 def main(argv=None):
     from train import HelpFormatter, Parser
@@ -277,10 +320,42 @@ def main(argv=None):
     sp.add_argument("--plot", default=None, help="also write a log-log plot here (default: none)")
     for q in (f, st):
         q.add_argument("--device", default="cpu", help="where the FID network runs")
+    ou = sub.add_parser("outliers", formatter_class=HelpFormatter, help="Fig. 13: decoder feature maps with "
+                        "Algorithm 1's outlier mask, for one image")
+    ou.add_argument("image", help="an image file, or an image folder (then --index picks the image)")
+    ou.add_argument("--index", type=int, default=0, help="with a folder: the index of the image, in sorted order")
+    ou.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="Hugging Face id or save_pretrained folder")
+    ou.add_argument("--image-size", type=int, default=None, help="resize to this first (default: as it is)")
+    ou.add_argument("--channels", type=int, default=4, help="channels shown per layer (those most masked)")
+    ou.add_argument("--out", default="outliers.png", help="the PNG to write")
     cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share")
     cu.add_argument("logs", nargs="+", help="log.jsonl files; each is labelled by its run directory")
     cu.add_argument("--out", default="curves.png", help="the PNG to write")
     args = p.parse_args(argv)
+    if args.metric == "outliers":
+        from train import load_vae, read_rgb, UnreadableImage
+        path = args.image
+        if os.path.isdir(path):
+            files = image_files(path)
+            if not 0 <= args.index < len(files):
+                fail(f"--index must be in 0..{len(files) - 1} for {path}, got {args.index}")
+            path = files[args.index]
+        elif not os.path.isfile(path):
+            fail(f"{path!r} is neither an image file nor a folder")
+        if args.channels < 1:
+            fail(f"--channels must be >= 1, got {args.channels}")
+        try:
+            img = read_rgb(path)
+        except UnreadableImage as e:
+            fail(f"cannot read {e}")
+        if args.image_size:
+            img = img.resize((args.image_size, args.image_size), resample=3)  # bicubic
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        vae = load_vae(args.vae, "cpu")
+        for frac, i in zip(outlier_maps(vae, x, args.out, args.channels), range(1, 100)):
+            print(f"block {i}: {100 * frac:.3f}% of positions masked")
+        print(f"wrote {args.out} ({path})")
+        return
     if args.metric == "curves":
         logs = {os.path.basename(os.path.dirname(os.path.abspath(p))): read_log(p) for p in args.logs}
         plot_curves(logs, args.out)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from lpl import (LatentPerceptualLoss, depth_weights, kth_smallest, layer_distance, lpl_mask, remove_outliers,
+from lpl import (LatentPerceptualLoss, depth_weights, detect_outliers, kth_smallest, layer_distance, lpl_mask, remove_outliers,
                  z0_from_prediction)
 
 
@@ -1194,3 +1194,131 @@ def test_metrics_cli(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "holds no images" in one_line_error(metrics.main, ["spectrum", str(tmp_path / "empty"), str(tmp_path / "b")])
     assert "asked for 9 images" in one_line_error(metrics.main, ["spectrum", str(tmp_path / "a"), str(tmp_path / "b"), "--n", "9"])
+
+
+# ================================================================ the paper's comparisons (--loss rgb / self-perceptual, --reweight, Fig. 13)
+@pytest.mark.parametrize("paradigm", ["eps", "v", "flow"])
+def test_min_snr_weights_are_min_snr_gamma_in_x0_space(paradigm):
+    """Hang et al.: ε-prediction weights are min(SNR, γ)/SNR on known timesteps; for every paradigm
+    the weighted MSE of its target equals min(SNR, γ)·‖ẑ0 − z0‖² for the same error in x0."""
+    sched = train.ddpm_scheduler(paradigm if paradigm != "flow" else "eps")
+    if paradigm == "flow":
+        t = torch.tensor([0.02, 0.1, 0.5, 0.9, 1.0])
+        alpha, sigma = 1 - t, t
+    else:
+        t = torch.tensor([0, 10, 200, 500, 999])
+        abar = sched.alphas_cumprod[t]
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    snr = alpha.double() ** 2 / sigma.double() ** 2
+    w = train.min_snr_weights(alpha, sigma, paradigm, gamma=5.0)
+    if paradigm == "eps":
+        torch.testing.assert_close(w, (snr.clamp(max=5) / snr).float())
+        assert w[0] < 0.01 and w[-1] == 1  # t = 0: SNR ≈ 1000, weight 5/1000; t = 999: SNR < 5, weight 1
+    torch.manual_seed(0)
+    z0, eps, err = torch.randn(5, 4, 2, 2), torch.randn(5, 4, 2, 2), 0.1 * torch.randn(5, 4, 2, 2)
+    a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    z_t = a * z0 + s * eps
+    z0_hat = z0 + err
+    eps_hat = (z_t - a * z0_hat) / s  # the same z_t, explained by ẑ0
+    target, pred = {"eps": (eps, eps_hat), "v": (a * eps - s * z0, a * eps_hat - s * z0_hat),
+                    "flow": (eps - z0, eps_hat - z0_hat)}[paradigm]
+    weighted = w * (pred - target).square().flatten(1).sum(1)
+    x0_space = (snr.clamp(max=5) * err.double().square().flatten(1).sum(1)).float()
+    keep = alpha > 0  # α = 0 (flow at t = 1): the model's output says nothing of z0, weight 0
+    torch.testing.assert_close(weighted[keep], x0_space[keep], rtol=1e-4, atol=1e-6)
+    assert (w[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("paradigm", ["eps", "v", "flow"])
+def test_eps_from_prediction_recovers_the_noise(paradigm):
+    torch.manual_seed(0)
+    z0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    alpha, sigma = torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.2, 0.5, 0.9])
+    if paradigm != "flow":  # variance preserving
+        sigma = (1 - alpha ** 2).sqrt()
+    else:
+        sigma = 1 - alpha
+    a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    z_t = a * z0 + s * eps
+    out = {"eps": eps, "v": a * eps - s * z0, "flow": eps - z0}[paradigm]
+    torch.testing.assert_close(train.eps_from_prediction(out, z_t, alpha, sigma, paradigm), eps)
+
+
+def test_rgb_loss_equals_a_direct_pixel_mse():
+    vae = tiny_vae(blocks=2).requires_grad_(False)  # as train.py's load_vae returns it
+    vae.config.scaling_factor, vae.config.shift_factor = 0.7, 0.1
+    torch.manual_seed(0)
+    z0 = torch.randn(3, 4, 4, 4)
+    z0_hat = (z0 + 0.2 * torch.randn_like(z0)).requires_grad_()
+    loss = train.rgb_loss(vae, z0_hat, z0)
+    with torch.no_grad():
+        x, x_hat = vae.decode(z0 / 0.7 + 0.1).sample, vae.decode(z0_hat / 0.7 + 0.1).sample
+    torch.testing.assert_close(loss, ((x_hat - x) ** 2).mean((1, 2, 3)))
+    loss.sum().backward()
+    assert z0_hat.grad.abs().sum() > 0 and all(p.grad is None for p in vae.parameters())
+    assert torch.equal(train.rgb_loss(vae, z0, z0), torch.zeros(3))
+
+
+def test_self_perceptual_is_zero_at_the_target_and_never_updates_its_frozen_copy():
+    torch.manual_seed(0)
+    model = train.build_model(dict(train.MODELS["DiT-T/2"], in_channels=4, out_channels=4, sample_size=4,
+                                   num_embeds_ada_norm=3))
+    for p in model.parameters():  # adaLN-Zero starts every block as the identity: make them do something
+        torch.nn.init.normal_(p, std=0.05)
+    for paradigm in ("eps", "v", "flow"):
+        sched = None if paradigm == "flow" else train.ddpm_scheduler(paradigm)
+        sp = train.SelfPerceptual(model, 1, paradigm, sched)
+        z0, eps, y = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 2, 3])
+        alpha, sigma, _ = train.sample_t(paradigm, 4, "cpu", sched)
+        a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+        z_t = a * z0 + s * eps
+        out = {"eps": eps, "v": a * eps - s * z0, "flow": eps - z0}[paradigm].clone().requires_grad_()
+        loss = sp(out, z_t, z0, eps, alpha, sigma, y)
+        loss.sum().backward()
+        assert loss.shape == (4,) and loss.abs().max() < 1e-8 and out.grad.abs().max() < 1e-6, paradigm
+        out2 = (out.detach() + 0.3 * torch.randn_like(out)).requires_grad_()
+        loss = sp(out2, z_t, z0, eps, alpha, sigma, y)
+        loss.sum().backward()
+        assert (loss > 0).all() and out2.grad.abs().sum() > 0
+        assert all(not p.requires_grad and p.grad is None for p in sp.net.parameters())
+
+
+def test_self_perceptual_and_rgb_and_min_snr_train_and_resume(assets, tmp_path):
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    assert "needs --init-from" in one_line_error(train.main, train_args(assets, tmp_path / "x", "--loss", "self-perceptual"))
+    assert "--sp-layer must be in 1..2" in one_line_error(
+        train.main, train_args(assets, tmp_path / "x", "--loss", "self-perceptual", "--init-from", pre, "--sp-layer", "3"))
+    run = tmp_path / "sp"
+    train.main(train_args(assets, run, "--loss", "self-perceptual", "--init-from", pre, "--steps", "2",
+                          "--ckpt-every", "1", "--sp-layer", "1"))
+    ck, init = load(run / "ckpt.pt"), load(pre)
+    for k, v in ck["sp_net"].items():  # the frozen network is the --init-from model, untouched by training
+        assert torch.equal(v, init["model"][k]), k
+    assert any(not torch.equal(ck["model"][k], init["model"][k]) for k in init["model"])
+    assert all("loss_sp" in r for r in read_log(run))
+    train.main(["--resume", str(run), "--steps", "3"])
+    assert all(torch.equal(v, init["model"][k]) for k, v in load(run / "ckpt.pt")["sp_net"].items())
+    run = tmp_path / "rgb"
+    train.main(train_args(assets, run, "--loss", "rgb", "--init-from", pre, "--steps", "2", "--lpl-tau", "100",
+                          "--reweight", "min-snr"))
+    log = read_log(run)
+    assert all(r["loss_rgb"] > 0 and 0 < r["aux_share"] < 1 and r["lpl_frac"] == 1 for r in log)
+
+
+def test_outlier_map_command_reports_what_detect_outliers_masks(assets, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+    metrics.main(["outliers", str(assets / "data"), "--index", "3", "--vae", str(assets / "vae"),
+                  "--image-size", "32", "--out", str(tmp_path / "maps.png"), "--channels", "2"])
+    printed = [float(line.split()[2].rstrip("%")) / 100 for line in capsys.readouterr().out.splitlines()
+               if line.startswith("block")]
+    assert Image.open(tmp_path / "maps.png").size[0] > 100
+    vae = AutoencoderKL.from_pretrained(str(assets / "vae")).eval()
+    x = torch.from_numpy(np.asarray(Image.open(metrics.image_files(str(assets / "data"))[3]).convert("RGB")
+                                    .resize((32, 32), resample=3)).copy()).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        z = vae.encode(x / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+        lpl = LatentPerceptualLoss(vae)
+        expected = [1 - detect_outliers(f, down_f=512 / f.shape[-1]).float().mean().item() for f in lpl.features(z)]
+    assert printed == pytest.approx(expected, abs=1e-5) and len(printed) == 3
+    assert "--index must be in 0..23" in one_line_error(metrics.main, ["outliers", str(assets / "data"), "--index", "99",
+                                                                       "--vae", str(assets / "vae")])

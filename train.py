@@ -46,6 +46,7 @@ MODELS = {
 # standardised features, per layer and channel), so the default is the weight that gives LPL about
 # a fifth of the total on the README's CPU run; log.jsonl reports the share (lpl_share) of any run.
 LPL_WEIGHT = 0.8
+LOSSES = ("l2", "lpl", "rgb", "self-perceptual")
 # Flags that --resume accepts beside the run's own: they change neither the maths nor the data.
 RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every", "num_workers", "compile")
 
@@ -86,12 +87,14 @@ def build_parser():
       "over the run's steps n; the paper's baseline, it finds 0.99975 best with LPL")
     a("--label-dropout", type=float, default=0.1, help="share of samples trained with the null class "
       "(classifier-free guidance; DiT's 0.1)")
-    a("--loss", default="l2", choices=["l2", "lpl"], help="l2: the diffusion loss alone; lpl: plus "
-      "w_LPL x the Latent Perceptual Loss")
+    a("--loss", default="l2", choices=LOSSES, help="l2: the diffusion loss alone; lpl: plus w_LPL x the "
+      "Latent Perceptual Loss; rgb: plus --rgb-weight x the pixel MSE of the fully decoded ẑ0 and z0 on "
+      "the samples under τ (the paper's Fig. 7 ablation); self-perceptual: Lin & Yang's objective alone, "
+      "on a frozen copy of the --init-from model (the paper's Table 5)")
     a("--lpl-weight", type=float, default=LPL_WEIGHT, help="w_LPL; the default gives LPL about a fifth of "
       "the total loss on the README's CPU run, the paper's rule for its w_LPL = 3 (see README)")
     a("--lpl-tau", type=float, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
-      "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1)")
+      "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1); also selects --loss rgb's samples")
     a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped, mid block first (Fig. 7); "
       "default: all")
     a("--lpl-normalization", default="shared", choices=["shared", "separate"],
@@ -101,6 +104,13 @@ def build_parser():
       help="ω_l = 2^-r_l (the paper's) or 1 (Sec. 4.3)")
     a("--lpl-no-outliers", action="store_true", help="turn off Algorithm 1's outlier mask")
     a("--lpl-grad-checkpointing", action="store_true", help="recompute decoder blocks in backward")
+    a("--rgb-weight", type=float, default=1.0, help="weight of the pixel MSE of --loss rgb (the paper gives "
+      "none; log.jsonl's aux_share shows its share of the total)")
+    a("--sp-layer", type=int, default=None, help="--loss self-perceptual: the frozen DiT block whose output "
+      "is compared (1 = first); default: the middle one (Lin & Yang's mid block)")
+    a("--reweight", default="none", choices=["none", "min-snr"], help="per-sample weights on the diffusion "
+      "loss: none (the paper's baseline) or min-SNR-γ (Hang et al.; the paper's Table 6)")
+    a("--min-snr-gamma", type=float, default=5.0, help="γ of --reweight min-snr (Hang et al.'s 5)")
     a("--compile", action="store_true", help="torch.compile the DiT (not the loss: its hooks break graphs)")
     a("--log-every", type=int, default=100, help="steps per log.jsonl row")
     a("--ckpt-every", type=int, default=5000, help="steps per checkpoint (and one at the end)")
@@ -142,6 +152,11 @@ def check_args(args):
          f"--lpl-weight must be a positive number, got {args.lpl_weight} (--loss l2 turns LPL off)")
     need(math.isfinite(args.lpl_tau) and args.lpl_tau >= 0, f"--lpl-tau must be >= 0, got {args.lpl_tau}")
     need(args.lpl_blocks is None or args.lpl_blocks >= 1, f"--lpl-blocks must be >= 1, got {args.lpl_blocks}")
+    need(math.isfinite(args.rgb_weight) and args.rgb_weight > 0, f"--rgb-weight must be a positive number, got {args.rgb_weight}")
+    need(math.isfinite(args.min_snr_gamma) and args.min_snr_gamma > 0,
+         f"--min-snr-gamma must be a positive number, got {args.min_snr_gamma}")
+    need(args.loss != "self-perceptual" or args.init_from or args.resume, "--loss self-perceptual needs "
+         "--init-from CKPT: the pre-trained model is its frozen feature network (Lin & Yang)")
 
 
 def fail(msg):
@@ -352,6 +367,84 @@ def sample_t(paradigm, n, device, scheduler=None):
     return abar.sqrt(), (1 - abar).sqrt(), t
 
 
+# ------------------------------------------------------------------------------ the paper's comparisons
+def min_snr_weights(alpha, sigma, paradigm, gamma=5.0):
+    """Min-SNR-γ (Hang et al.): each sample's x0-space loss weighted by min(SNR, γ), SNR = α²/σ²,
+    written for the target the model regresses. Its MSE is the x0 error times SNR (ε), SNR + 1 (v,
+    variance preserving) or (√SNR + 1)² (flow, ε − z0: Hang et al. give no flow form; this is the
+    same x0-space weight), so the weights are min(SNR, γ) divided by that. (B,) in, (B,) out."""
+    snr = alpha.double().square() / sigma.double().square()  # (B,); inf where σ = 0
+    scale = {"eps": snr, "v": snr + 1, "flow": (snr.sqrt() + 1).square()}[paradigm]
+    return torch.where(snr > 0, snr.clamp(max=gamma) / scale, 0.0).float()  # α = 0: no x0 information
+
+
+def eps_from_prediction(pred, z_t, alpha_t, sigma_t, paradigm):
+    """ε̂ from the model output (Lin & Yang's Eq. 9, for each paradigm); z_t = α z0 + σ ε."""
+    a, s = alpha_t.view(-1, 1, 1, 1), sigma_t.view(-1, 1, 1, 1)
+    if paradigm == "eps":
+        return pred
+    if paradigm == "v":  # α v + σ z_t = (α² + σ²) ε
+        return (a * pred + s * z_t) / (a * a + s * s)
+    return z_t + a * pred  # flow: v = ε − z0 and z_t = (1 − t) z0 + t ε give ε = z_t + (1 − t) v
+
+
+class SelfPerceptual:
+    """Lin & Yang's Self-Perceptual objective (their Eq. 10–12, Algorithm 1) for a DiT: a frozen copy
+    of the pre-trained denoiser is the feature network; both x0 (with ε) and x̂0 (with ε̂) are
+    noised again at a fresh t' ~ U, and the MSE is taken on the output of one transformer block
+    (theirs: the UNet's mid block; here the middle block by default, the paper's Table 5 varies it)."""
+
+    def __init__(self, model, layer, paradigm, scheduler):
+        self.net = copy.deepcopy(model).eval().requires_grad_(False)
+        self.block = self.net.transformer_blocks[layer - 1]
+        self.paradigm, self.scheduler = paradigm, scheduler
+
+    def features(self, z, t_model, y):
+        out = []
+
+        def grab(module, args, output):
+            out.append(output)
+            raise _StopForward  # later blocks are not needed
+
+        hook = self.block.register_forward_hook(grab)
+        try:
+            self.net(z, timestep=t_model, class_labels=y)
+        except _StopForward:
+            pass
+        finally:
+            hook.remove()
+        return out[0]  # (B, tokens, width)
+
+    def __call__(self, out, z_t, z0, eps, alpha, sigma, y):
+        """(B,) per-sample loss; gradients reach `out` only."""
+        z0_hat = z0_from_prediction(out, z_t, alpha, sigma, self.paradigm)  # Eq. 8
+        eps_hat = eps_from_prediction(out, z_t, alpha, sigma, self.paradigm)  # Eq. 9
+        B = len(z0)
+        if self.paradigm == "flow":  # t' ~ U(0, 1)
+            t2 = torch.rand(B, device=z0.device)
+            a2, s2, t2_model = 1 - t2, t2, t2 * 1000
+        else:  # t' ~ U{0, ..., 999}
+            t2_model = torch.randint(0, 1000, (B,), device=z0.device)
+            abar = self.scheduler.alphas_cumprod.to(z0.device)[t2_model]
+            a2, s2 = abar.sqrt(), (1 - abar).sqrt()
+        a2, s2 = a2.view(-1, 1, 1, 1), s2.view(-1, 1, 1, 1)
+        with torch.no_grad():
+            f = self.features(a2 * z0 + s2 * eps, t2_model, y)  # Eq. 10
+        f_hat = self.features(a2 * z0_hat + s2 * eps_hat, t2_model, y)  # Eq. 11
+        return (f_hat.float() - f.float()).square().flatten(1).mean(1)  # Eq. 12
+
+
+class _StopForward(Exception):
+    pass
+
+
+def rgb_loss(vae, z0_hat, z0):
+    """The paper's Fig. 7 ablation: the pixel MSE between the fully decoded ẑ0 and z0. (B,)."""
+    with torch.no_grad():
+        x = decode_raw(vae, z0)
+    return (decode_raw(vae, z0_hat).float() - x.float()).square().flatten(1).mean(1)
+
+
 @torch.no_grad()
 def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None):
     """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow."""
@@ -376,10 +469,15 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
     return z
 
 
+def decode_raw(vae, z):
+    """Diffusion-scale latents -> the decoder's output, in [-1, 1] up to overshoot."""
+    return vae.decode(z.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+                      + (vae.config.shift_factor or 0.0)).sample
+
+
 def decode(vae, z):
     """Diffusion-scale latents -> images in [0, 1]."""
-    x = vae.decode(z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
-    return (x.float() / 2 + 0.5).clamp(0, 1)
+    return (decode_raw(vae, z).float() / 2 + 0.5).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -498,6 +596,11 @@ def main(argv=None):
                                        grad_checkpointing=args.lpl_grad_checkpointing)
         except ValueError as e:
             fail(f"--lpl-blocks: {e}")
+    if args.loss == "self-perceptual":  # the frozen network is the --init-from model
+        depth = (init or resume)["model_config"]["num_layers"]
+        args.sp_layer = args.sp_layer or (depth + 1) // 2
+        if not 1 <= args.sp_layer <= depth:
+            fail(f"--sp-layer must be in 1..{depth} for this {args.model}, got {args.sp_layer}")
     ds, classes, files = image_dataset(args)
     num_classes = len(classes)
     source = init or resume
@@ -557,6 +660,11 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         if device.type == "cuda" and resume["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
     sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
+    sp = None
+    if args.loss == "self-perceptual":  # frozen at the --init-from weights, kept in the checkpoint
+        sp = SelfPerceptual(model, args.sp_layer, args.paradigm, sched)
+        if resume is not None:
+            sp.net.load_state_dict(resume["sp_net"])
     # Section 4.1: τ scales with resolution. 64 = the latent width of the paper's 512 px images with
     # its f8 VAE; we scale by the latent grid, on which the noise acts, so an f4 VAE at 32 px (8x8
     # latents) gets the τ of an f8 VAE at 64 px.
@@ -574,7 +682,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         atomic_save(dict(args=vars(args), model_config=model_cfg, step=step, model=model.state_dict(),
                          ema=ema.state_dict(), opt=opt.state_dict(), classes=classes,
                          latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
-                             torch.cuda.get_rng_state() if device.type == "cuda" else None))), ckpt_path)
+                             torch.cuda.get_rng_state() if device.type == "cuda" else None)),
+                         **(dict(sp_net=sp.net.state_dict()) if sp else {})), ckpt_path)
         last_ckpt = step
 
     @functools.lru_cache(maxsize=1)
@@ -588,13 +697,17 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
 
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
           f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
-          + (f" (w_LPL {args.lpl_weight}, τ {args.lpl_tau})" if lpl else "") + f", device {device}"
+          + (f" (w_LPL {args.lpl_weight}, τ {args.lpl_tau})" if lpl else "")
+          + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
+          + (f" (frozen block {args.sp_layer})" if sp else "")
+          + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {device}"
           + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else ""))
     if resume is not None:
         truncate_log(log_path, step)
     log = open(log_path, "a" if resume is not None else "w")
     bar = tqdm(total=args.steps, initial=step, desc="train")
-    acc, t0 = dict(diff=0.0, lpl=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
+    acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
+    aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight}.get(args.loss, 0.0)
     model.train()
     while step < args.steps:
         idx = batch_indices(step)
@@ -608,20 +721,29 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         target = {"eps": eps, "v": a * eps - s * z0, "flow": eps - z0}[args.paradigm]
         with amp:
             out = fwd(z_t, timestep=t_model, class_labels=y).sample.float()
-            loss_diff = F.mse_loss(out, target)
-            loss_lpl, m = torch.zeros((), device=device), None
-            if lpl is not None:
+            if args.reweight == "min-snr":  # Table 6's alternative: per-sample weights on the diffusion loss
+                w_t = min_snr_weights(alpha, sigma, args.paradigm, args.min_snr_gamma)  # (B,)
+                loss_diff = (w_t * (out - target).square().flatten(1).mean(1)).mean()
+            else:
+                loss_diff = F.mse_loss(out, target)
+            loss_aux, m = torch.zeros((), device=device), None  # the added term: LPL, or rgb / SP
+            if args.loss in ("lpl", "rgb"):
                 m = lpl_mask(alpha, sigma, args.lpl_tau, res_scale)  # (B,) bool
                 if m.any():  # (a sync, to skip decoding) E[δ·L]: the selected samples' losses, summed, / B
                     z0_hat = z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm)
-                    loss_lpl = lpl(z0_hat, z0[m]).sum() / B
-            loss = loss_diff + args.lpl_weight * loss_lpl  # loss_lpl = 0 when LPL is off
+                    per_sample = lpl(z0_hat, z0[m]) if lpl is not None else rgb_loss(vae, z0_hat, z0[m])
+                    loss_aux = per_sample.sum() / B
+            if sp is not None:  # Lin & Yang train with their objective alone
+                loss_aux = sp(out, z_t, z0, eps, alpha, sigma, y).mean()
+                loss = loss_aux
+            else:
+                loss = loss_diff + aux_weight * loss_aux  # loss_aux = 0 for l2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         frac = m.float().mean() if m is not None else torch.zeros((), device=device)
-        l_diff, l_lpl, frac, gnorm = torch.stack([loss_diff, loss_lpl, frac, gnorm]).tolist()  # one sync
-        if not math.isfinite(l_diff + l_lpl + gnorm):
+        l_diff, l_aux, frac, gnorm = torch.stack([loss_diff, loss_aux, frac, gnorm]).tolist()  # one sync
+        if not math.isfinite(l_diff + l_aux + gnorm):
             fail(f"the loss or its gradient is not finite at step {step + 1}; stopped before the update, " + (
                 f"the checkpoint of step {last_ckpt} in {args.run_dir} is kept" if last_ckpt else
                 "no checkpoint was written") + " (try a lower --lr or --lpl-weight)")
@@ -634,19 +756,25 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         step += 1
-        for k, v in (("diff", l_diff), ("lpl", l_lpl), ("frac", frac), ("gnorm", gnorm), ("n", 1)):
+        for k, v in (("diff", l_diff), ("aux", l_aux), ("frac", frac), ("gnorm", gnorm), ("n", 1)):
             acc[k] += v
         bar.update(1)
-        bar.set_postfix(loss=f"{l_diff:.4f}", lpl=f"{l_lpl:.4f}")
+        bar.set_postfix(loss=f"{l_diff:.4f}", aux=f"{l_aux:.4f}")
         if step % args.log_every == 0 or step == args.steps:
             dt, k = time.time() - t0, acc["n"]
-            row = dict(step=step, loss_diff=acc["diff"] / k, loss_lpl=acc["lpl"] / k)
+            row = dict(step=step, loss_diff=acc["diff"] / k, loss_lpl=acc["aux"] / k)
             if lpl is not None:  # w·L_LPL / L_total: the paper's rule puts it near 1/5 for its w = 3
-                w_lpl = args.lpl_weight * acc["lpl"] / k
+                w_lpl = args.lpl_weight * acc["aux"] / k
                 row.update(lpl_share=w_lpl / (acc["diff"] / k + w_lpl), lpl_frac=acc["frac"] / k)
+            elif args.loss == "rgb":
+                w_rgb = args.rgb_weight * acc["aux"] / k
+                row = dict(step=step, loss_diff=acc["diff"] / k, loss_rgb=acc["aux"] / k,
+                           aux_share=w_rgb / (acc["diff"] / k + w_rgb), lpl_frac=acc["frac"] / k)
+            elif sp is not None:  # loss_diff is logged for comparison; the run optimises loss_sp
+                row = dict(step=step, loss_diff=acc["diff"] / k, loss_sp=acc["aux"] / k)
             row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
             log.write(json.dumps(row) + "\n"), log.flush()
-            acc, t0 = dict(diff=0.0, lpl=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
+            acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             if step == args.steps:
                 tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
