@@ -1322,3 +1322,48 @@ def test_outlier_map_command_reports_what_detect_outliers_masks(assets, tmp_path
     assert printed == pytest.approx(expected, abs=1e-5) and len(printed) == 3
     assert "--index must be in 0..23" in one_line_error(metrics.main, ["outliers", str(assets / "data"), "--index", "99",
                                                                        "--vae", str(assets / "vae")])
+
+
+# ================================================================ torchrun: DistributedDataParallel on CPU (gloo)
+def torchrun(args, nproc=2):
+    """train.py under torchrun, as a user runs it; returns the finished process."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_two_ranks_equal_one_rank_and_resume_exactly(assets, tmp_path):
+    """2 ranks x 4 samples follow 1 rank x 8 sample for sample (loss after N steps and weights, to
+    float tolerance, LPL's batch expectation included); resume under 2 ranks is exact; rank 0 alone
+    writes."""
+    extra = ("--steps", "3", "--loss", "lpl", "--lpl-tau", "2", "--device", "cpu", "--ckpt-every", "1")
+    train.main(train_args(assets, tmp_path / "one", *extra))
+    p = torchrun(train_args(assets, tmp_path / "two", *extra))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 ranks x 4 samples" in p.stdout and p.stdout.count("done: 3 steps") == 1
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert any(0 < r["lpl_frac"] < 1 for r in one)  # some samples under τ, not all: the ranks select differently
+    for a, b in zip(one, two):
+        for k in ("loss_diff", "loss_lpl", "lpl_frac", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    w1, w2 = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt")
+    for k in w1["model"]:
+        torch.testing.assert_close(w2["model"][k], w1["model"][k], rtol=1e-5, atol=1e-6)
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "log.jsonl", "samples-0000003.png"]
+    # stopped after 2 steps and resumed under 2 ranks = the uninterrupted 2-rank run
+    p = torchrun(train_args(assets, tmp_path / "res", *extra[:-2], "--steps", "2"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = torchrun(["--resume", str(tmp_path / "res"), "--steps", "3"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    keys = ("step", "loss_diff", "loss_lpl", "lpl_frac", "grad_norm", "ema_decay")
+    assert [[r[k] for k in keys] for r in read_log(tmp_path / "res")] == [[r[k] for k in keys] for r in two]
+    w3 = load(tmp_path / "res" / "ckpt.pt")
+    assert all(torch.equal(w3["model"][k], w2["model"][k]) for k in w2["model"])
+    # a global batch the ranks cannot share is refused before any work, in one line from rank 0
+    p = torchrun(train_args(assets, tmp_path / "odd", "--batch-size", "7", "--device", "cpu"))
+    assert p.returncode != 0 and "error: --batch-size 7 (the global batch) must be a multiple of the 2 ranks" in p.stderr
+    assert not (tmp_path / "odd").exists()

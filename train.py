@@ -6,6 +6,7 @@ compare. The dataset is encoded once by the frozen VAE (both horizontal flips) a
 
     python train.py --run-dir runs/pretrain --steps 100000
     python train.py --run-dir runs/lpl --init-from runs/pretrain/ckpt.pt --steps 50000 --loss lpl
+    torchrun --standalone --nproc_per_node 8 train.py ...     # DDP; --batch-size stays the global batch
 
 Time conventions. eps and v: discrete t in {0..999}, t = 0 is (almost) clean, t = 999 is noise;
 z_t = α_t z0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t). flow: t in [0, 1], t = 0 is data,
@@ -142,6 +143,8 @@ def check_args(args):
         v = getattr(args, name)
         need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
     need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    need(args.batch_size % WORLD == 0, f"--batch-size {args.batch_size} (the global batch) must be a multiple "
+         f"of the {WORLD} ranks torchrun started")
     need(args.images_per_class is None or args.images_per_class >= 1,
          f"--images-per-class must be >= 1, got {args.images_per_class}")
     need(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
@@ -160,8 +163,42 @@ def check_args(args):
 
 
 def fail(msg):
-    """A one-line error for bad input: no traceback, nothing lost."""
-    sys.exit(f"error: {msg}")
+    """A one-line error for bad input: no traceback, nothing lost. Under torchrun every rank stops;
+    rank 0 says why (the ranks check the same things)."""
+    sys.exit(f"error: {msg}" if RANK == 0 else 1)
+
+
+# ------------------------------------------------------------------------------ torchrun (DDP)
+# torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `python train.py` is one rank. Every rank draws the
+# whole global batch (its indices, dropped labels, t and noise: one random stream, the same as a
+# single process) and trains on its own slice, so N ranks follow a one-rank run sample for sample
+# and --resume stays exact. DistributedDataParallel averages the gradients; rank 0 alone writes.
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device):
+    """The process group (nccl on CUDA, gloo on CPU) and this rank's device."""
+    if WORLD == 1:
+        return device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def barrier():
+    if WORLD > 1:
+        torch.distributed.barrier()
+
+
+def mean_over_ranks(x):
+    """x averaged over the ranks (x itself on one)."""
+    if WORLD > 1:
+        torch.distributed.all_reduce(x)
+        x = x / WORLD
+    return x
 
 
 def pick_device(name=None):
@@ -415,18 +452,20 @@ class SelfPerceptual:
             hook.remove()
         return out[0]  # (B, tokens, width)
 
-    def __call__(self, out, z_t, z0, eps, alpha, sigma, y):
-        """(B,) per-sample loss; gradients reach `out` only."""
+    def draw(self, n, device):
+        """t' for n samples: (α', σ', the time the model sees)."""
+        if self.paradigm == "flow":  # t' ~ U(0, 1)
+            t2 = torch.rand(n, device=device)
+            return 1 - t2, t2, t2 * 1000
+        t2 = torch.randint(0, 1000, (n,), device=device)  # t' ~ U{0, ..., 999}
+        abar = self.scheduler.alphas_cumprod.to(device)[t2]
+        return abar.sqrt(), (1 - abar).sqrt(), t2
+
+    def __call__(self, out, z_t, z0, eps, alpha, sigma, y, t2=None):
+        """(B,) per-sample loss; gradients reach `out` only. t2: draw()'s t', or drawn here."""
         z0_hat = z0_from_prediction(out, z_t, alpha, sigma, self.paradigm)  # Eq. 8
         eps_hat = eps_from_prediction(out, z_t, alpha, sigma, self.paradigm)  # Eq. 9
-        B = len(z0)
-        if self.paradigm == "flow":  # t' ~ U(0, 1)
-            t2 = torch.rand(B, device=z0.device)
-            a2, s2, t2_model = 1 - t2, t2, t2 * 1000
-        else:  # t' ~ U{0, ..., 999}
-            t2_model = torch.randint(0, 1000, (B,), device=z0.device)
-            abar = self.scheduler.alphas_cumprod.to(z0.device)[t2_model]
-            a2, s2 = abar.sqrt(), (1 - abar).sqrt()
+        a2, s2, t2_model = t2 or self.draw(len(z0), z0.device)
         a2, s2 = a2.view(-1, 1, 1, 1), s2.view(-1, 1, 1, 1)
         with torch.no_grad():
             f = self.features(a2 * z0 + s2 * eps, t2_model, y)  # Eq. 10
@@ -573,7 +612,7 @@ def main(argv=None):
             if k in explicit and getattr(args, k) != init["args"][k]:
                 fail(f"--{k} {getattr(args, k)} does not match {args.init_from}'s {init['args'][k]}; drop --{k}")
             setattr(args, k, init["args"][k])
-    device = pick_device(args.device)
+    device = init_distributed(pick_device(args.device))
 
     # Everything that can be checked is checked before the encoding and the training.
     run_dir = args.run_dir
@@ -611,9 +650,10 @@ def main(argv=None):
                  f"--image-size {args.image_size} gives {latent_shape}: use the same VAE and image size")
         if len(source["classes"]) != num_classes:
             fail(f"{what} was trained on {len(source['classes'])} classes, --data {args.data} has {num_classes}")
-    created, lock = make_run_dir(run_dir), None
+    created, lock = (make_run_dir(run_dir), None) if RANK == 0 else (False, None)
     try:
-        lock = lock_run_dir(run_dir)
+        if RANK == 0:
+            lock = lock_run_dir(run_dir)
         cache = cache_path(args, vae, files)
         if not os.access(os.path.dirname(cache), os.W_OK):  # the run directory's parent
             fail(f"cannot write the latent cache into {os.path.dirname(cache)}; pick a --run-dir in a writable folder")
@@ -632,10 +672,16 @@ def main(argv=None):
                 os.remove(log)
             if not os.listdir(run_dir):
                 os.rmdir(run_dir)
+        if WORLD > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init):
+    if RANK != 0:
+        barrier()  # rank 0 encodes (or checks) the cache first; the others then read it
     data = encode_dataset(args, vae, device, ds, classes, cache)
+    if RANK == 0:
+        barrier()
     z_all, y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
     N, num_classes = len(z_all), len(classes)
     if N < args.batch_size:
@@ -669,7 +715,11 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
     # its f8 VAE; we scale by the latent grid, on which the noise acts, so an f4 VAE at 32 px (8x8
     # latents) gets the τ of an f8 VAE at 64 px.
     res_scale = latent_shape[-1] / 64
-    fwd = torch.compile(model) if args.compile else model
+    fwd = model
+    if WORLD > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(fwd) if args.compile else fwd
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     ckpt_path, log_path = os.path.join(args.run_dir, "ckpt.pt"), os.path.join(args.run_dir, "log.jsonl")
 
@@ -679,11 +729,12 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
             fail(f"the weights are not finite at step {step}; nothing was saved, " + (
                 f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else "no checkpoint was written")
                 + " (try a lower --lr or --lpl-weight)")
-        atomic_save(dict(args=vars(args), model_config=model_cfg, step=step, model=model.state_dict(),
-                         ema=ema.state_dict(), opt=opt.state_dict(), classes=classes,
-                         latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
-                             torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                         **(dict(sp_net=sp.net.state_dict()) if sp else {})), ckpt_path)
+        if RANK == 0:  # the ranks hold the same weights, EMA, optimizer and random state
+            atomic_save(dict(args=vars(args), model_config=model_cfg, step=step, model=model.state_dict(),
+                             ema=ema.state_dict(), opt=opt.state_dict(), classes=classes,
+                             latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
+                                 torch.cuda.get_rng_state() if device.type == "cuda" else None)),
+                             **(dict(sp_net=sp.net.state_dict()) if sp else {})), ckpt_path)
         last_ckpt = step
 
     @functools.lru_cache(maxsize=1)
@@ -695,27 +746,34 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         i = step % per_epoch
         return epoch_order(step // per_epoch)[i * args.batch_size:(i + 1) * args.batch_size]
 
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
+    say = print if RANK == 0 else (lambda *a: None)
+    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
           f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
           + (f" (w_LPL {args.lpl_weight}, τ {args.lpl_tau})" if lpl else "")
           + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
           + (f" (frozen block {args.sp_layer})" if sp else "")
           + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {device}"
-          + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else ""))
-    if resume is not None:
+          + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else "")
+          + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
+    if resume is not None and RANK == 0:
         truncate_log(log_path, step)
-    log = open(log_path, "a" if resume is not None else "w")
-    bar = tqdm(total=args.steps, initial=step, desc="train")
+    log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=RANK != 0)
     acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
     aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight}.get(args.loss, 0.0)
     model.train()
     while step < args.steps:
         idx = batch_indices(step)
         z0, y = z_all[idx].float(), y_all[idx]
-        B = len(z0)
         y = drop_labels(y, num_classes, args.label_dropout)
-        alpha, sigma, t_model = sample_t(args.paradigm, B, device, sched)
+        alpha, sigma, t_model = sample_t(args.paradigm, len(z0), device, sched)
         eps = torch.randn_like(z0)
+        t2 = sp.draw(len(z0), device) if sp is not None else ()  # Self-Perceptual's t'
+        if WORLD > 1:  # this rank's slice of the global batch
+            k = len(z0) // WORLD
+            z0, y, alpha, sigma, t_model, eps, *t2 = (v[RANK * k:(RANK + 1) * k]
+                                                      for v in (z0, y, alpha, sigma, t_model, eps, *t2))
+        B = len(z0)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         z_t = a * z0 + s * eps
         target = {"eps": eps, "v": a * eps - s * z0, "flow": eps - z0}[args.paradigm]
@@ -734,7 +792,7 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
                     per_sample = lpl(z0_hat, z0[m]) if lpl is not None else rgb_loss(vae, z0_hat, z0[m])
                     loss_aux = per_sample.sum() / B
             if sp is not None:  # Lin & Yang train with their objective alone
-                loss_aux = sp(out, z_t, z0, eps, alpha, sigma, y).mean()
+                loss_aux = sp(out, z_t, z0, eps, alpha, sigma, y, t2).mean()
                 loss = loss_aux
             else:
                 loss = loss_diff + aux_weight * loss_aux  # loss_aux = 0 for l2
@@ -742,7 +800,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         loss.backward()
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         frac = m.float().mean() if m is not None else torch.zeros((), device=device)
-        l_diff, l_aux, frac, gnorm = torch.stack([loss_diff, loss_aux, frac, gnorm]).tolist()  # one sync
+        stats = mean_over_ranks(torch.stack([loss_diff, loss_aux, frac, gnorm]).detach())  # the global batch's
+        l_diff, l_aux, frac, gnorm = stats.tolist()  # one sync
         if not math.isfinite(l_diff + l_aux + gnorm):
             fail(f"the loss or its gradient is not finite at step {step + 1}; stopped before the update, " + (
                 f"the checkpoint of step {last_ckpt} in {args.run_dir} is kept" if last_ckpt else
@@ -773,13 +832,14 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
             elif sp is not None:  # loss_diff is logged for comparison; the run optimises loss_sp
                 row = dict(step=step, loss_diff=acc["diff"] / k, loss_sp=acc["aux"] / k)
             row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
-            log.write(json.dumps(row) + "\n"), log.flush()
+            if log is not None:
+                log.write(json.dumps(row) + "\n"), log.flush()
             acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             if step == args.steps:
                 tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
             save()
-        if step % args.sample_every == 0 or step == args.steps:
+        if (step % args.sample_every == 0 or step == args.steps) and RANK == 0:
             from torchvision.utils import save_image
             grid = os.path.join(args.run_dir, f"samples-{step:07d}.png")
             tqdm.write(f"sampling a grid of the EMA model (50 steps) to {grid}")
@@ -789,8 +849,9 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
                           generator=torch.Generator().manual_seed(args.seed))
             save_image(decode(vae, zs), grid, nrow=8)
     bar.close()
-    log.close()
-    print(f"done: {step} steps, checkpoint {ckpt_path}")
+    if log is not None:
+        log.close()
+    say(f"done: {step} steps, checkpoint {ckpt_path}")
 
 
 if __name__ == "__main__":
