@@ -229,6 +229,11 @@ def decoder_taps(vae):
     """
     names = {c.__name__ for c in type(vae).__mro__}
     cfg, dec = getattr(vae, "config", None), getattr(vae, "decoder", None)
+    if "AutoencoderKL" in names and hasattr(dec, "mid_block") and hasattr(dec, "up_blocks"):  # the paper's
+        # SD's scale (and SD3/FLUX.1's shift): z_diffusion = (z − shift) · scaling_factor
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        decode = lambda z: vae.decode(z / cfg.scaling_factor + shift).sample  # noqa: E731
+        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
     if "AutoencoderKLFlux2" in names:
         # Latents are standardised with the running statistics of a BatchNorm over the 2x2-patchified
         # latent (FLUX.2's pipeline); here they keep the unpatchified shape encode returns, so
@@ -271,14 +276,9 @@ def decoder_taps(vae):
         # pipelines decode): quantizing ẑ0 and z0 would make the loss piecewise constant.
         decode = lambda z: vae.decode(z / cfg.scaling_factor, force_not_quantize=True).sample  # noqa: E731
         return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
-    if "AutoencoderKL" in names and hasattr(dec, "mid_block") and hasattr(dec, "up_blocks"):
-        # SD's scale (and SD3/FLUX.1's shift): z_diffusion = (z − shift) · scaling_factor
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        decode = lambda z: vae.decode(z / cfg.scaling_factor + shift).sample  # noqa: E731
-        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
     raise ValueError(f"LatentPerceptualLoss cannot read a {type(vae).__name__}: built in are {SUPPORTED}. "
-                     f"For any other decoder pass taps=[its blocks, in decoding order] and "
-                     f"decode=fn(latent) -> image (see the README, 'Your own decoder')")
+                     f"For any other decoder pass taps=[its blocks, in decoding order], "
+                     f"decode=fn(latent) -> image and latent_channels=C (see the README, 'Your own decoder')")
 
 
 class _StopDecoding(Exception):
