@@ -915,6 +915,11 @@ def test_init_from_checks_what_the_checkpoint_was_trained_on(assets, tmp_path):
     for expected, extra in cases.items():
         assert expected in one_line_error(train.main, train_args(assets, tmp_path / "r", "--init-from", pre, *extra))
     train.main(train_args(assets, tmp_path / "ok", "--init-from", pre, "--steps", "1", "--model", "DiT-T/2"))
+    # data, VAE and image size default to the pre-training's (the defaults would be CIFAR-10 and the SD VAE)
+    train.main(["--init-from", pre, "--run-dir", str(tmp_path / "short"), "--steps", "1", "--batch-size", "8",
+                "--sample-every", "1000"])
+    args = load(tmp_path / "short" / "ckpt.pt")["args"]
+    assert (args["data"], args["vae"], args["image_size"]) == (str(assets / "data"), str(assets / "vae"), 16)
 
 
 # ---------------------------------------------------------------- bad input: one line, before the work

@@ -81,7 +81,8 @@ def build_parser():
     a("--run-dir", default="runs/pretrain", help="ckpt.pt, log.jsonl and sample grids go here")
     a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     a("--init-from", default=None, metavar="CKPT", help="start a new run from this checkpoint's weights "
-      "(post-training); its model and paradigm are kept. Default: from scratch")
+      "(post-training); its model and paradigm are kept, and its --data, --vae and --image-size unless "
+      "given. Default: from scratch")
     a("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR exactly where it stopped, "
       f"writing into RUN_DIR (default: a new run); only {', '.join('--' + f.replace('_', '-') for f in RESUME_OVERRIDES)} may change")
     a("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+n)/(10+n)) "
@@ -612,6 +613,9 @@ def main(argv=None):
             if k in explicit and getattr(args, k) != init["args"][k]:
                 fail(f"--{k} {getattr(args, k)} does not match {args.init_from}'s {init['args'][k]}; drop --{k}")
             setattr(args, k, init["args"][k])
+        for k in ("data", "data_root", "images_per_class", "vae", "image_size"):  # unless given: post-training
+            if k not in explicit:  # continues on the pre-training's data, through its VAE
+                setattr(args, k, init["args"][k])
     device = init_distributed(pick_device(args.device))
 
     # Everything that can be checked is checked before the encoding and the training.
