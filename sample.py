@@ -28,7 +28,9 @@ def get_args(argv=None):
     a("--ckpt", required=True, help="a checkpoint written by train.py (required)")
     a("--out", default="samples.png", help="the grid PNG (when --out-dir is not given)")
     a("--out-dir", default=None, help="write --n individual PNGs here (default: a grid at --out)")
-    a("--n", type=int, default=None, help="number of samples (default: 8 per class, at most 80, for a grid; 1000 for --out-dir)")
+    a("--n", type=int, default=None, help="number of samples (default: --per-class per class, at most 10 "
+      "rows, for a grid; 1000 for --out-dir)")
+    a("--per-class", type=int, default=8, help="grid: samples per class, one row per class")
     a("--classes", type=int, nargs="+", default=None, help="class indices to sample (default: all classes, in turn)")
     a("--cfg", type=float, default=1.5, help="guidance scale; 1 = no guidance (the paper: 1.5 at 256 px)")
     a("--steps", type=int, default=50, help="DDIM / Euler steps")
@@ -41,7 +43,7 @@ def get_args(argv=None):
     a("--vae", default=None, help="override the checkpoint's VAE, e.g. a local copy (default: the checkpoint's)")
     a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
-    for name in ("n", "batch_size", "steps"):
+    for name in ("n", "batch_size", "steps", "per_class"):
         v = getattr(args, name)
         if v is not None and v < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -81,8 +83,8 @@ def main(argv=None):
     labels = args.classes if args.classes is not None else list(range(K))
     if any(not 0 <= c < K for c in labels):
         fail(f"--classes must be in 0..{K - 1} for this checkpoint ({', '.join(classes[:10])}, ...)")
-    n = args.n or (min(8 * len(labels), 80) if args.out_dir is None else 1000)
-    per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else 8)  # grid: a row per class
+    n = args.n or (min(args.per_class * len(labels), 10 * args.per_class) if args.out_dir is None else 1000)
+    per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else args.per_class)  # grid: a row per class
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
     images, feats, power = [], [], 0
@@ -103,7 +105,7 @@ def main(argv=None):
         else:
             images.append(x)
     if not args.out_dir:
-        save_image(torch.cat(images), args.out, nrow=8)
+        save_image(torch.cat(images), args.out, nrow=args.per_class)
         print(f"wrote {args.out}: {n} samples at step {ckpt['step']}, cfg {args.cfg}")
         return
     print(f"wrote {n} samples to {args.out_dir}")

@@ -993,11 +993,22 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
         "does not exist": ["--out", str(tmp_path / "missing" / "grid.png")],
         "8 latent channels": ["--vae", str(assets / "vae8")],
         "--classes must be in 0..2": ["--classes", "3"],
+        "--per-class must be >= 1": ["--per-class", "0"],
     }
     for expected, extra in cases.items():
         assert expected in one_line_error(sample.main, ["--ckpt", ckpt, *extra]), expected
     assert "non-finite weights" in one_line_error(sample.main, ["--ckpt", str(tmp_path / "nan.pt")])
     assert "non-finite latents" in one_line_error(sample.main, ["--ckpt", ckpt, "--cfg", "1e30", "--steps", "2"])
+
+
+def test_grid_has_a_row_per_class_and_is_reproducible(assets, tmp_path):
+    """--per-class K: one row of K per class; the noise comes from --seed alone, so grids of two
+    models (baseline, LPL) with one seed start from the same noise, image by image."""
+    ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "g.png"), "--per-class", "3", "--steps", "2"])
+    assert Image.open(tmp_path / "g.png").size == (3 * 18 + 2, 3 * 18 + 2)  # 16 px images, 2 px padding
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "h.png"), "--per-class", "3", "--steps", "2"])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "h.png")))
 
 
 def test_help_shows_every_default(capsys):
