@@ -15,6 +15,7 @@ t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t,
 import argparse
 import bisect
 import copy
+import datetime
 import fcntl
 import functools
 import glob
@@ -185,7 +186,8 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # the other ranks wait at a barrier while rank 0 encodes the dataset once (ImageNet: long)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     return device
 
 
