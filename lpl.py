@@ -224,8 +224,8 @@ def decoder_taps(vae):
     """(taps, decode, latent_channels) for a diffusers autoencoder; see the table in the README.
 
     taps:   the blocks F^{d,l} ends at, in the order the decoder runs them.
-    decode: z (B, C, h, w), or (B, C, 1, h, w) for the video families, in the diffusion model's
-            scale -> runs the autoencoder's own decode path on it (the hooks stop it early).
+    decode: z (B, C, h, w) in the diffusion model's scale -> runs the autoencoder's own decode
+            path on it (the hooks stop it early).
     """
     names = {c.__name__ for c in type(vae).__mro__}
     cfg, dec = getattr(vae, "config", None), getattr(vae, "decoder", None)
@@ -252,13 +252,11 @@ def decoder_taps(vae):
     if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:
         # A causal 3-D VAE; an image is one frame. Latents are standardised per channel with the
         # config's latents_mean / latents_std (as in the Qwen-Image and Wan pipelines).
-        def decode(z):  # (B, C, h, w) or (B, C, 1, h, w)
-            z = z.unsqueeze(2) if z.dim() == 4 else z  # (B, C, 1, h, w)
-            if z.shape[2] != 1:
-                raise ValueError(f"LPL takes single-frame latents from {type(vae).__name__}, got {tuple(z.shape)}")
-            mean = z.new_tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-            std = z.new_tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
-            return vae.decode(z * std + mean).sample
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+
+        def decode(z):  # (B, C, h, w)
+            return vae.decode(z.unsqueeze(2) * std.to(z) + mean.to(z)).sample  # (B, C, 1, h, w) in
         return [dec.mid_block, *dec.up_blocks], decode, cfg.z_dim
     if "AutoencoderDC" in names:
         # DC-AE runs its up blocks from the last to the first; a stage with no layers is empty.
@@ -346,8 +344,13 @@ class LatentPerceptualLoss(nn.Module):
         self.layer_weights = depth_weights(widths, layer_weights)  # ω_1..ω_L
 
     def features(self, z):
-        """Eq. 2: [ϕ_1, ..., ϕ_L] for z (B, C, h, w) in the diffusion model's latent scale."""
-        if z.dim() not in (4, 5) or z.shape[1] != self.latent_channels:
+        """Eq. 2: [ϕ_1, ..., ϕ_L] for z (B, C, h, w) in the diffusion model's latent scale; a
+        single-frame (B, C, 1, h, w), as the video autoencoders (Qwen-Image, Wan) encode, is taken too."""
+        if z.dim() == 5:
+            if z.shape[2] != 1:
+                raise ValueError(f"LPL takes single-frame latents, got {tuple(z.shape)}")
+            z = z[:, :, 0]  # (B, C, h, w)
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE: expected "
                              f"(B, {self.latent_channels}, h, w); is it the same VAE that encoded the data?")
         if min(z.shape[-2:]) < 2:  # a 1x1 map has no spatial variance: σ̂ = √eps would blow the loss up
@@ -370,7 +373,7 @@ class LatentPerceptualLoss(nn.Module):
             for h in hooks:
                 h.remove()
         if len(feats) != len(self.taps):  # a tap the decoder never calls as a module, or calls twice
-            raise ValueError(f"the decoder ran {len(feats)} of the {len(self.taps)} tapped modules before the "
+            raise ValueError(f"the decoder ran {len(feats)} of the {len(self.taps)} tapped modules, up to the "
                              f"last one: pass modules the decoder calls once each, in decoding order")
         return feats  # [(B, C_l, H_l, W_l)] for l = 1..L
 

@@ -95,7 +95,7 @@ class InceptionFeatures:
             warnings.simplefilter("ignore", FutureWarning)
             net = torch.jit.load(path or inception_path(), map_location=device).eval()
             # Freezing inlines the weights and lets TorchScript fold the graph: the same features
-            # to the last bit on CPU (checked on CIFAR-10 images), 10-20% faster.
+            # to the last bit on CPU (checked on 100 CIFAR-10 images), 0.37 -> 0.33 s per image on one thread.
             self.net = torch.jit.optimize_for_inference(torch.jit.freeze(net))
         self.device = device
 
@@ -270,12 +270,12 @@ def outlier_maps(vae, x, path, channels=4):
         z = vae.encode(x.to(p) / 127.5 - 1).latent_dist.mean  # (1, C, h, w), the VAE's own scale
         z = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
         feats = lpl.features(z)
-    masked = [1 - lpl.outlier_mask(f).float().mean().item() for f in feats]  # per layer, over all channels
+    keeps = [lpl.outlier_mask(f)[0] for f in feats]  # ρ_l, (C_l, H_l, W_l) bool: True = kept
+    masked = [1 - keep.float().mean().item() for keep in keeps]  # per layer, over all channels
     fig, axes = plt.subplots(len(feats), channels + 1, figsize=(1.6 * (channels + 1), 1.7 * len(feats)),
                              dpi=100, squeeze=False)
-    for row, (f, frac) in enumerate(zip(feats, masked)):
+    for row, (f, keep, frac) in enumerate(zip(feats, keeps, masked)):
         f = f[0].float()  # (C_l, H_l, W_l)
-        keep = lpl.outlier_mask(f[None])[0]  # (C_l, H_l, W_l) bool
         order = (~keep).flatten(1).float().mean(1).argsort(descending=True)[:channels]
         ax = axes[row, 0]
         if row == 0:
@@ -342,8 +342,10 @@ def main(argv=None):
             path = files[args.index]
         elif not os.path.isfile(path):
             fail(f"{path!r} is neither an image file nor a folder")
-        if args.channels < 1:
-            fail(f"--channels must be >= 1, got {args.channels}")
+        for name in ("channels", "image_size"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         try:
             img = read_rgb(path)
         except UnreadableImage as e:

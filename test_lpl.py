@@ -353,7 +353,7 @@ def test_bring_your_own_decoder():
     assert LatentPerceptualLoss(dec, num_blocks=2, taps=taps, decode=lambda z: dec(z), latent_channels=4).layer_weights == [1.0, 0.5]
     with pytest.raises(ValueError, match="together"):
         LatentPerceptualLoss(dec, taps=taps)
-    with pytest.raises(ValueError, match="ran 2 of the 3 tapped modules"):  # a module the decoder never calls
+    with pytest.raises(ValueError, match="ran 2 of the 3 tapped modules"):  # (the last one never runs)  # a module the decoder never calls
         LatentPerceptualLoss(dec, taps=[taps[0], dec.conv_out, taps[1]], decode=dec, latent_channels=4)
     with pytest.raises(ValueError, match="ran 1 of the 2 tapped modules"):  # out of decoding order
         LatentPerceptualLoss(dec, taps=[taps[1], taps[0]], decode=dec, latent_channels=4)
@@ -1336,6 +1336,8 @@ def test_outlier_map_command_reports_what_detect_outliers_masks(assets, tmp_path
         lpl = LatentPerceptualLoss(vae)
         expected = [1 - detect_outliers(f, down_f=512 / f.shape[-1]).float().mean().item() for f in lpl.features(z)]
     assert printed == pytest.approx(expected, abs=1e-5) and len(printed) == 3
+    assert "--image-size must be >= 1" in one_line_error(metrics.main, ["outliers", str(assets / "data"),
+                                                                         "--image-size", "0"])
     assert "--index must be in 0..23" in one_line_error(metrics.main, ["outliers", str(assets / "data"), "--index", "99",
                                                                        "--vae", str(assets / "vae")])
 

@@ -827,22 +827,20 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         bar.set_postfix(loss=f"{l_diff:.4f}", aux=f"{l_aux:.4f}")
         if step % args.log_every == 0 or step == args.steps:
             dt, k = time.time() - t0, acc["n"]
-            row = dict(step=step, loss_diff=acc["diff"] / k, loss_lpl=acc["aux"] / k)
-            if lpl is not None:  # w·L_LPL / L_total: the paper's rule puts it near 1/5 for its w = 3
-                w_lpl = args.lpl_weight * acc["aux"] / k
-                row.update(lpl_share=w_lpl / (acc["diff"] / k + w_lpl), lpl_frac=acc["frac"] / k)
-            elif args.loss == "rgb":
-                w_rgb = args.rgb_weight * acc["aux"] / k
-                row = dict(step=step, loss_diff=acc["diff"] / k, loss_rgb=acc["aux"] / k,
-                           aux_share=w_rgb / (acc["diff"] / k + w_rgb), lpl_frac=acc["frac"] / k)
-            elif sp is not None:  # loss_diff is logged for comparison; the run optimises loss_sp
-                row = dict(step=step, loss_diff=acc["diff"] / k, loss_sp=acc["aux"] / k)
+            # the added term under its own name; for self-perceptual, loss_diff is logged for
+            # comparison only (the run optimises loss_sp)
+            aux_name = {"rgb": "loss_rgb", "self-perceptual": "loss_sp"}.get(args.loss, "loss_lpl")
+            row = {"step": step, "loss_diff": acc["diff"] / k, aux_name: acc["aux"] / k}
+            if aux_weight:  # w·L / L_total: the paper's rule puts LPL's near 1/5 for its w = 3
+                w_aux = aux_weight * acc["aux"] / k
+                row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (acc["diff"] / k + w_aux),
+                            "lpl_frac": acc["frac"] / k})
             row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
             if log is not None:
                 log.write(json.dumps(row) + "\n"), log.flush()
             acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
-            if step == args.steps:
+            if step == args.steps and RANK == 0:
                 tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
             save()
         if (step % args.sample_every == 0 or step == args.steps) and RANK == 0:
