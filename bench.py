@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lpl import LatentPerceptualLoss, layer_distance, lpl_mask, z0_from_prediction
-from train import MODELS, HelpFormatter, Parser, build_model, ddpm_scheduler, load_vae, pick_device
+from train import (MODELS, HelpFormatter, Parser, build_model, ddpm_scheduler, latent_geometry, load_vae,
+                   pick_device)
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -69,8 +70,8 @@ def main(argv=None):
     torch.manual_seed(0)
     from diffusers import AutoencoderKL
     vae = load_vae(args.vae, device) if args.vae else AutoencoderKL(**SD_VAE).to(device)
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    B, C, h = args.batch_size, vae.config.latent_channels, args.image_size // f
+    C, f = latent_geometry(vae)
+    B, h = args.batch_size, args.image_size // f
     model = build_model(dict(MODELS[args.model], in_channels=C, out_channels=C, sample_size=h,
                              num_embeds_ada_norm=1000)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -256,7 +256,7 @@ def decoder_taps(vae):
         std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
 
         def decode(z):  # (B, C, h, w)
-            return vae.decode(z.unsqueeze(2) * std.to(z) + mean.to(z)).sample  # (B, C, 1, h, w) in
+            return vae.decode(z.unsqueeze(2) * std.to(z) + mean.to(z)).sample[:, :, 0]  # one frame in and out
         return [dec.mid_block, *dec.up_blocks], decode, cfg.z_dim
     if "AutoencoderDC" in names:
         # DC-AE runs its up blocks from the last to the first; a stage with no layers is empty.

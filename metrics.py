@@ -264,11 +264,11 @@ def outlier_maps(vae, x, path, channels=4):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from lpl import LatentPerceptualLoss
+    from train import encode_latents
     lpl = LatentPerceptualLoss(vae)
     with torch.no_grad():
         p = next(vae.parameters())
-        z = vae.encode(x.to(p) / 127.5 - 1).latent_dist.mean  # (1, C, h, w), the VAE's own scale
-        z = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        z = encode_latents(vae, x.to(p) / 127.5 - 1)  # (1, C, h, w), in the diffusion model's scale
         feats = lpl.features(z)
     keeps = [lpl.outlier_mask(f)[0] for f in feats]  # ρ_l, (C_l, H_l, W_l) bool: True = kept
     masked = [1 - keep.float().mean().item() for keep in keeps]  # per layer, over all channels

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 import metrics
 
-from train import (HelpFormatter, Parser, all_finite, build_model, decode, fail, generate, load_checkpoint,
-                   load_vae, pick_device)
+from train import (HelpFormatter, Parser, all_finite, build_model, decode, fail, generate, latent_geometry,
+                   load_checkpoint, load_vae, pick_device)
 
 
 def get_args(argv=None):
@@ -71,8 +71,9 @@ def main(argv=None):
     if not all_finite(model):
         fail(f"{args.ckpt} holds non-finite weights ({'model' if args.no_ema else 'EMA'}): it cannot sample")
     vae = load_vae(args.vae or train_args["vae"], device)
-    if vae.config.latent_channels != ckpt["latent_shape"][0]:
-        fail(f"the VAE {args.vae or train_args['vae']!r} has {vae.config.latent_channels} latent channels, the "
+    channels = latent_geometry(vae)[0]
+    if channels != ckpt["latent_shape"][0]:
+        fail(f"the VAE {args.vae or train_args['vae']!r} has {channels} latent channels, the "
              f"checkpoint was trained on {ckpt['latent_shape'][0]}: use the VAE it was trained with")
     if args.out_dir:  # created once the inputs are known to be good, before any sampling
         try:

@@ -319,6 +319,37 @@ def test_family_latents_keep_the_shape_encode_returns():
         LatentPerceptualLoss(vae)(torch.randn(1, 4, 5, 4), torch.randn(1, 4, 5, 4))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_trainer_encodes_each_family_as_its_pipeline_and_trains_on_it(name, assets, tmp_path):
+    """train.py takes every family: load_vae finds the class from the saved config, encode_latents is
+    the inverse of the pipeline's de-normalisation (written independently in tiny_family), the latent
+    geometry is read off the decoder, and a post-training with LPL runs and samples."""
+    vae, to_vae, _ = tiny_family(name)
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = train.load_vae(str(tmp_path / "vae"), "cpu")
+    assert type(loaded) is type(vae)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = train.encode_latents(loaded, x)  # the diffusion model's scale
+        if name in ("dc",):
+            raw = vae.encode(x).latent
+        elif name in ("tiny", "vq"):
+            raw = vae.encode(x).latents
+        else:
+            raw = vae.encode(x[:, :, None] if name in ("qwen", "wan") else x).latent_dist.mean
+    channels, factor = train.latent_geometry(loaded)
+    assert z.shape == (2, 4, 16 // factor, 16 // factor) and channels == 4
+    torch.testing.assert_close(to_vae(z), raw)
+    assert not torch.allclose(z, raw.reshape(z.shape))  # (the normalisation is not the identity)
+    run = tmp_path / "run"
+    train.main(train_args(assets, run, "--vae", str(tmp_path / "vae"), "--steps", "2", "--loss", "lpl",
+                          "--lpl-tau", "100"))
+    assert all(r["loss_lpl"] > 0 and math.isfinite(r["loss_diff"]) for r in read_log(run))
+    assert tuple(load(run / "ckpt.pt")["latent_shape"]) == (4, 16 // factor, 16 // factor)
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "grid.png"), "--steps", "2"])
+    assert Image.open(tmp_path / "grid.png").size == (8 * 18 + 2, 3 * 18 + 2)
+
+
 def test_bring_your_own_decoder():
     """A decoder diffusers does not know (a CompVis-style one: blocks stored last-first, its own
     latent scale): taps + decode + latent_channels give features equal to its activations."""
@@ -936,6 +967,9 @@ def test_bad_input_is_one_line(assets, tmp_path):
     (tmp_path / "file").write_text("")
     (tmp_path / "junk.pt").write_bytes(b"")
     torch.save({"weights": 1}, tmp_path / "other.pt")
+    from diffusers import UNet2DModel  # a diffusers model, but no autoencoder
+    UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1, sample_size=8,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "unet")
     (tmp_path / "notrun").mkdir()
     torch.save({"weights": 1}, tmp_path / "notrun" / "ckpt.pt")
     r = str(tmp_path / "run")
@@ -962,7 +996,9 @@ def test_bad_input_is_one_line(assets, tmp_path):
         "cannot write to the run directory": ["--run-dir", str(tmp_path / "file" / "run")],
         "neither 'cifar10' nor an existing folder": ["--data", str(tmp_path / "nope")],
         "no images": ["--data", str(assets / "empty")],
-        "cannot load the VAE": ["--vae", str(tmp_path / "no-vae")],
+        "is not a folder: give a folder written by save_pretrained": ["--vae", str(tmp_path / "no-vae")],
+        "cannot load the VAE": ["--vae", str(assets / "empty")],
+        "is a UNet2DModel; the trainer takes the autoencoders lpl.py supports": ["--vae", str(tmp_path / "unet")],
         "corrupted or not a train.py checkpoint": ["--init-from", str(tmp_path / "junk.pt")],
         "is not a train.py checkpoint (no 'args'": ["--init-from", str(tmp_path / "other.pt")],
     }
@@ -1057,7 +1093,7 @@ def test_bench_runs_and_prints_the_ratios():
     assert r.stderr.strip() == ("bench.py: error: --lpl-fraction 0.100 puts 0 of 4 samples under the threshold; "
                                 "it must select 1 to 4: raise --lpl-fraction or --batch-size")
     r = run_cli("bench.py", "--vae", "/nonexistent/vae")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot load the VAE" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "is not a folder" in r.stderr
 
 
 # ================================================================ train_vae.py

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lpl import LatentPerceptualLoss, lpl_mask, z0_from_prediction
+from lpl import SUPPORTED, LatentPerceptualLoss, decoder_taps, lpl_mask, z0_from_prediction
 
 # DiT sizes (Peebles & Xie, Table 1), plus two for CPUs: XS (6 layers, 256 wide, the CPU results'
 # model) and T (tests and the one-minute smoke run). Name = size / patch size.
@@ -71,7 +71,9 @@ def build_parser():
     a("--data-root", default="data", help="where --data cifar10 is downloaded")
     a("--images-per-class", type=int, default=None, help="use only the first N images of each class "
       "(quick runs); default: all")
-    a("--vae", default="stabilityai/sd-vae-ft-ema", help="Hugging Face id or save_pretrained folder")
+    a("--vae", default="stabilityai/sd-vae-ft-ema", help="any autoencoder family of lpl.py (SD, FLUX.1/2, "
+      "Qwen-Image, Wan, DC-AE, TAESD, VQ-GAN): a Hugging Face id (a pipeline's as org/repo/vae) or a "
+      "save_pretrained folder")
     a("--image-size", type=int, default=64, help="images are resized to this (64 -> 8x8 latents at f8)")
     a("--model", default="DiT-S/2", choices=MODELS, help="DiT size / patch size")
     a("--paradigm", default="eps", choices=["eps", "v", "flow"], help="what the model predicts (Table 1)")
@@ -226,13 +228,61 @@ def pick_device(name=None):
 
 # ------------------------------------------------------------------------------ data -> latents
 def load_vae(name, device):
-    from diffusers import AutoencoderKL
+    """Any diffusers autoencoder lpl.py supports (README, "Supported autoencoders"): a folder written
+    by save_pretrained, a Hub id, or a Hub id and its subfolder (black-forest-labs/FLUX.2-dev/vae)."""
+    from diffusers import AutoModel
+    if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or os.path.exists(name)):
+        fail(f"--vae {name!r} is not a folder: give a folder written by save_pretrained or a Hugging Face id")
+    repo, sub = name, None
+    if not os.path.isdir(name) and name.count("/") >= 2:  # org/repo/subfolder: a pipeline's VAE
+        org, rest, sub = name.split("/", 2)
+        repo = f"{org}/{rest}"
     try:  # low_cpu_mem_usage=False: the same load, without diffusers' warning that accelerate is missing
-        vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
+        vae = AutoModel.from_pretrained(repo, subfolder=sub, low_cpu_mem_usage=False)
     except Exception as e:
         fail(f"cannot load the VAE {name!r} ({type(e).__name__}): give --vae a Hugging Face id you can "
-             f"download or a folder written by AutoencoderKL.save_pretrained")
+             f"download (a pipeline's as org/repo/vae) or a folder written by save_pretrained")
+    try:
+        decoder_taps(vae)
+    except ValueError:
+        fail(f"--vae {name!r} is a {type(vae).__name__}; the trainer takes the autoencoders lpl.py "
+             f"supports: {SUPPORTED}")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_geometry(vae):
+    """(latent channels, downsampling factor) of a supported autoencoder, from decoding a 2x2 latent
+    (each family keeps these in differently named config fields)."""
+    _, decode, channels = decoder_taps(vae)
+    p = next(vae.parameters())
+    with torch.no_grad():
+        size = decode(torch.zeros(1, channels, 2, 2, device=p.device, dtype=p.dtype)).shape[-1]
+    return channels, size // 2
+
+
+def encode_latents(vae, x):
+    """Images (B, 3, H, W) in [-1, 1] -> the posterior mean in the diffusion model's scale: each
+    family's pipeline normalisation, the inverse of what lpl.decoder_taps' `decode` undoes."""
+    names, cfg = {c.__name__ for c in type(vae).__mro__}, vae.config
+    if "AutoencoderKLFlux2" in names:  # standardised by the BatchNorm statistics of each 2x2 patch position
+        z = vae.encode(x).latent_dist.mean  # (B, C, h, w)
+        p, q = cfg.patch_size
+        reps = (1, z.shape[-2] // p, z.shape[-1] // q)
+        mean = vae.bn.running_mean.view(-1, p, q).repeat(reps).to(z)  # (C, h, w)
+        std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt().repeat(reps).to(z)  # (C, h, w)
+        return (z - mean) / std
+    if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:  # an image is one frame; per-channel statistics
+        z = vae.encode(x.unsqueeze(2)).latent_dist.mean[:, :, 0]  # (B, C, h, w)
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+        return (z - mean) / std
+    if "AutoencoderDC" in names:
+        return vae.encode(x).latent * cfg.scaling_factor
+    if "AutoencoderTiny" in names:
+        return (vae.encode(x).latents - (getattr(cfg, "shift_factor", 0.0) or 0.0)) * cfg.scaling_factor
+    if "VQModel" in names:  # the continuous latent, before the codebook (as lpl.py decodes it)
+        return vae.encode(x).latents * cfg.scaling_factor
+    return (vae.encode(x).latent_dist.mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor  # SD, SD3, FLUX.1
 
 
 class UnreadableImage(Exception):
@@ -338,21 +388,20 @@ def cache_path(args, vae, files):
 
 
 def encode_dataset(args, vae, device, ds, classes, cache):
-    """Latents in the diffusion model's scale, (z − shift)·scaling_factor, of each image and its mirror."""
+    """Latents in the diffusion model's scale (encode_latents) of each image and its mirror."""
     if os.path.exists(cache):
         try:
             return torch.load(cache)
         except Exception as e:  # truncated by a kill, or not ours: encode again
             tqdm.write(f"the latent cache {cache} is unreadable ({type(e).__name__}); encoding the data again")
     loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.num_workers)
-    sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     zs, ys = [], []
     try:
         with torch.no_grad():
             for x, y in tqdm(loader, desc="encoding dataset (once)"):
                 x = x.to(device)
                 for view in (x, x.flip(-1)):  # both horizontal flips
-                    zs.append(((vae.encode(view).latent_dist.mean - shift) * sf).half().cpu())
+                    zs.append(encode_latents(vae, view).half().cpu())
                     ys.append(y)
     except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
         fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
@@ -512,9 +561,9 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
 
 
 def decode_raw(vae, z):
-    """Diffusion-scale latents -> the decoder's output, in [-1, 1] up to overshoot."""
-    return vae.decode(z.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
-                      + (vae.config.shift_factor or 0.0)).sample
+    """Diffusion-scale latents -> the decoder's output, in [-1, 1] up to overshoot; the family's
+    de-normalisation is lpl.decoder_taps', the one the loss decodes through."""
+    return decoder_taps(vae)[1](z.to(next(vae.parameters()).dtype))
 
 
 def decode(vae, z):
@@ -626,12 +675,12 @@ def main(argv=None):
         fail(f"{run_dir} already holds a run (ckpt.pt): continue it with --resume {run_dir}, "
              f"or pick another --run-dir")
     vae = load_vae(args.vae, device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels, factor = latent_geometry(vae)
     patch = MODELS[args.model]["patch_size"]
     if args.image_size % (factor * patch):
         fail(f"--image-size {args.image_size} must be a multiple of {factor * patch}: the VAE downsamples by "
              f"{factor} and {args.model} cuts the latent into {patch}x{patch} patches")
-    latent_shape = (vae.config.latent_channels, args.image_size // factor, args.image_size // factor)
+    latent_shape = (channels, args.image_size // factor, args.image_size // factor)
     lpl = None
     if args.loss == "lpl":  # the frozen VAE is reused; only samples under the threshold are decoded
         try:
