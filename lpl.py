@@ -252,8 +252,8 @@ def decoder_taps(vae):
     if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:
         # A causal 3-D VAE; an image is one frame. Latents are standardised per channel with the
         # config's latents_mean / latents_std (as in the Qwen-Image and Wan pipelines).
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, device=vae.device).view(1, -1, 1, 1, 1)  # on the VAE's device:
+        std = torch.tensor(cfg.latents_std, device=vae.device).view(1, -1, 1, 1, 1)  # no copy per call
 
         def decode(z):  # (B, C, h, w)
             return vae.decode(z.unsqueeze(2) * std.to(z) + mean.to(z)).sample[:, :, 0]  # one frame in and out

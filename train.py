@@ -273,8 +273,8 @@ def encode_latents(vae, x):
         return (z - mean) / std
     if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:  # an image is one frame; per-channel statistics
         z = vae.encode(x.unsqueeze(2)).latent_dist.mean[:, :, 0]  # (B, C, h, w)
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
         return (z - mean) / std
     if "AutoencoderDC" in names:
         return vae.encode(x).latent * cfg.scaling_factor
@@ -560,10 +560,16 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
     return z
 
 
+@functools.lru_cache(maxsize=None)
+def vae_decode(vae):
+    """lpl.decoder_taps' decode (the family's de-normalisation, the one the loss decodes through),
+    built once per autoencoder rather than on every call of the RGB loss or the sampler."""
+    return decoder_taps(vae)[1]
+
+
 def decode_raw(vae, z):
-    """Diffusion-scale latents -> the decoder's output, in [-1, 1] up to overshoot; the family's
-    de-normalisation is lpl.decoder_taps', the one the loss decodes through."""
-    return decoder_taps(vae)[1](z.to(next(vae.parameters()).dtype))
+    """Diffusion-scale latents -> the decoder's output, in [-1, 1] up to overshoot."""
+    return vae_decode(vae)(z.to(next(vae.parameters()).dtype))
 
 
 def decode(vae, z):
