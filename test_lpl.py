@@ -537,6 +537,36 @@ def test_detach_sigma_changes_the_gradient_not_the_value():
     assert cos < 0.9999  # σ̂'s own gradient is there by default and gone when detached
 
 
+@pytest.mark.parametrize("noise_ratio", [0.1, 0.25, 0.5])
+def test_gradient_through_sigma_hat_biases_the_optimum_by_the_unpredictable_share(noise_ratio):
+    """The toy model behind the detach_sigma default. The target feature is ϕ = s + u: s is what
+    the model can predict (variance S), u what it cannot (variance N, independent). A prediction
+    ϕ̂ = a·s with shared normalization has E[loss] ∝ ((1 − a)² S + N) / (a² S): with the gradient
+    through σ̂ (σ̂ = a·√S) it is stationary at a = 1 + N/S, an inflated prediction; with σ̂ a
+    constant, at a = 1, the conditional mean, as for an ℓ2 loss. The root of the mean gradient in a
+    is found by bisection over many draws of u."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 16, 256, generator=g, dtype=torch.float64)  # (B, C, N): S = 1
+    u = noise_ratio ** 0.5 * torch.randn(64, 16, 256, generator=g, dtype=torch.float64)  # N = noise_ratio
+    rho = torch.ones_like(s, dtype=torch.bool)
+
+    def grad_at(a, detach):
+        a = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+        layer_distance((s + u).unsqueeze(-1), (a * s).unsqueeze(-1), rho.unsqueeze(-1),
+                       detach_sigma=detach).mean().backward()
+        return a.grad.item()
+
+    def root(detach, lo=0.5, hi=3.0):
+        assert grad_at(lo, detach) < 0 < grad_at(hi, detach)  # one stationary point, a minimum
+        for _ in range(20):  # to 2.5e-6
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if grad_at(mid, detach) < 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    assert abs(root(detach=False) - (1 + noise_ratio)) < 0.02  # biased: ϕ̂ inflated by N/S
+    assert abs(root(detach=True) - 1.0) < 0.02  # unbiased
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_vae_in_another_dtype_without_autocast(dtype):
     """Latents are cast to the VAE's dtype (fp32 latents into an fp16 VAE crashed before)."""
@@ -931,6 +961,32 @@ def test_init_from_starts_a_new_run_from_weights(assets, tmp_path):
     # EMA warm-up: the first step's decay is 1/10, so the EMA mostly follows this run, not pre's EMA
     for k in pre["ema"]:
         torch.testing.assert_close(post["ema"][k], 0.1 * pre["ema"][k] + 0.9 * post["model"][k])
+
+
+def test_default_lpl_weight_gives_lpl_a_fifth_of_the_loss(assets, tmp_path):
+    """The one-fifth rule (Section 4.3): without --lpl-weight, w_LPL is measured on the starting model
+    so that w·L_LPL / (L_Diff + w·L_LPL) = 1/5. With a learning rate too small to move the model, the
+    share over the run's own (other) batches must come out near 1/5; the weight is in the checkpoint."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    run = tmp_path / "auto"
+    train.main(train_args(assets, run, "--init-from", pre, "--loss", "lpl", "--lpl-tau", "1000", "--lr", "1e-12",
+                          "--steps", "40", "--log-every", "40", "--lpl-calibration-batches", "40"))
+    w = load(run / "ckpt.pt")["args"]["lpl_weight"]
+    (row,) = read_log(run)
+    assert row["lpl_weight"] == w > 0
+    assert abs(row["lpl_share"] - 0.2) < 0.03, row  # 1/4 or 1/2 (a rule written wrong) would fail
+
+
+def test_lpl_weight_calibration_leaves_the_run_as_with_that_weight_given(assets, tmp_path):
+    """The calibration batches are drawn from their own generator: a run with the measured weight
+    given explicitly trains on the same batches, times and noise, and so logs the same losses."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    common = ("--init-from", pre, "--loss", "lpl", "--lpl-tau", "100", "--steps", "3")
+    train.main(train_args(assets, tmp_path / "auto", *common))
+    w = load(tmp_path / "auto" / "ckpt.pt")["args"]["lpl_weight"]
+    train.main(train_args(assets, tmp_path / "given", *common, "--lpl-weight", repr(w)))
+    for a, b in zip(read_log(tmp_path / "auto"), read_log(tmp_path / "given"), strict=True):
+        assert a["loss_diff"] == b["loss_diff"] and a["loss_lpl"] == b["loss_lpl"]
 
 
 def test_init_from_checks_what_the_checkpoint_was_trained_on(assets, tmp_path):

@@ -14,6 +14,7 @@ t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t,
 """
 import argparse
 import bisect
+import contextlib
 import copy
 import datetime
 import fcntl
@@ -44,10 +45,11 @@ MODELS = {
     "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
 }
 # w_LPL. The paper's rule (Section 4.3, Fig. 9): w_LPL = 3 "roughly corresponds to a fifth of the relative
-# contribution to the total loss". Its absolute scale does not carry over (this L_LPL averages
-# standardised features, per layer and channel), so the default is the weight that gives LPL about
-# a fifth of the total on the README's CPU run; log.jsonl reports the share (lpl_share) of any run.
-LPL_WEIGHT = 0.8
+# contribution to the total loss". Its absolute scale does not carry over (it depends on the
+# normalisation, the autoencoder, the paradigm's target and τ), so by default the trainer applies the
+# rule itself: before the first step it measures L_Diff and L_LPL of the starting model on a few
+# batches and sets w_LPL = L_Diff / (4 L_LPL), which makes w_LPL·L_LPL a fifth of L_tot.
+LPL_SHARE = 1 / 5
 LOSSES = ("l2", "lpl", "rgb", "self-perceptual")
 # Flags that --resume accepts beside the run's own: they change neither the maths nor the data.
 RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every", "num_workers", "compile")
@@ -96,8 +98,11 @@ def build_parser():
       "Latent Perceptual Loss; rgb: plus --rgb-weight x the pixel MSE of the fully decoded ẑ0 and z0 on "
       "the samples under τ (the paper's Fig. 7 ablation); self-perceptual: Lin & Yang's objective alone, "
       "on a frozen copy of the --init-from model (the paper's Table 5)")
-    a("--lpl-weight", type=float, default=LPL_WEIGHT, help="w_LPL; the default gives LPL about a fifth of "
-      "the total loss on the README's CPU run, the paper's rule for its w_LPL = 3 (see README)")
+    a("--lpl-weight", type=float, default=None, help="w_LPL. Default: the paper's rule (Section 4.3), "
+      "w_LPL·L_LPL = a fifth of the total loss, measured on the starting model over --lpl-calibration-batches "
+      "batches before the first step and stored in the checkpoint (meant for post-training, the paper's use)")
+    a("--lpl-calibration-batches", type=int, default=10, help="batches that measure L_Diff and L_LPL for the "
+      "default --lpl-weight (their own random draws: the run's batches are the same with any weight)")
     a("--lpl-tau", type=float, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
       "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1); also selects --loss rgb's samples")
     a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped, mid block first (Fig. 7); "
@@ -155,7 +160,8 @@ def check_args(args):
     need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}")
     need(0 <= args.ema_decay <= 1, f"--ema-decay must be in [0, 1], got {args.ema_decay}")
     need(0 <= args.label_dropout < 1, f"--label-dropout must be in [0, 1), got {args.label_dropout}")
-    need(math.isfinite(args.lpl_weight) and args.lpl_weight > 0,
+    need(args.lpl_calibration_batches >= 1, f"--lpl-calibration-batches must be >= 1, got {args.lpl_calibration_batches}")
+    need(args.lpl_weight is None or math.isfinite(args.lpl_weight) and args.lpl_weight > 0,
          f"--lpl-weight must be a positive number, got {args.lpl_weight} (--loss l2 turns LPL off)")
     need(math.isfinite(args.lpl_tau) and args.lpl_tau >= 0, f"--lpl-tau must be >= 0, got {args.lpl_tau}")
     need(args.lpl_blocks is None or args.lpl_blocks >= 1, f"--lpl-blocks must be >= 1, got {args.lpl_blocks}")
@@ -808,32 +814,28 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         return epoch_order(step // per_epoch)[i * args.batch_size:(i + 1) * args.batch_size]
 
     say = print if RANK == 0 else (lambda *a: None)
-    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
-          f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
-          + (f" (w_LPL {args.lpl_weight}, τ {args.lpl_tau})" if lpl else "")
-          + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
-          + (f" (frozen block {args.sp_layer})" if sp else "")
-          + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {device}"
-          + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else "")
-          + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
-    if resume is not None and RANK == 0:
-        truncate_log(log_path, step)
-    log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=RANK != 0)
-    acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
-    aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight}.get(args.loss, 0.0)
-    model.train()
-    while step < args.steps:
-        idx = batch_indices(step)
+
+    def draw(step, gen=None):
+        """The batch of `step` (exact on --resume), or with `gen` a batch of its own random draws:
+        z0, y (labels dropped), α, σ, the model's t, ε, and Self-Perceptual's t', this rank's slice."""
+        idx = batch_indices(step) if gen is None else torch.randint(0, N, (args.batch_size,), generator=gen).to(device)
         z0, y = z_all[idx].float(), y_all[idx]
-        y = drop_labels(y, num_classes, args.label_dropout)
-        alpha, sigma, t_model = sample_t(args.paradigm, len(z0), device, sched)
-        eps = torch.randn_like(z0)
-        t2 = sp.draw(len(z0), device) if sp is not None else ()  # Self-Perceptual's t'
+        with torch.random.fork_rng([device] if device.type == "cuda" else []) if gen is not None else contextlib.nullcontext():
+            if gen is not None:  # the run's own random stream is left as it was
+                torch.manual_seed(int(torch.randint(2 ** 62, (), generator=gen)))
+            y = drop_labels(y, num_classes, args.label_dropout)
+            alpha, sigma, t_model = sample_t(args.paradigm, len(z0), device, sched)
+            eps = torch.randn_like(z0)
+            t2 = sp.draw(len(z0), device) if sp is not None else ()  # Self-Perceptual's t'
         if WORLD > 1:  # this rank's slice of the global batch
             k = len(z0) // WORLD
             z0, y, alpha, sigma, t_model, eps, *t2 = (v[RANK * k:(RANK + 1) * k]
                                                       for v in (z0, y, alpha, sigma, t_model, eps, *t2))
+        return z0, y, alpha, sigma, t_model, eps, tuple(t2)
+
+    def losses(z0, y, alpha, sigma, t_model, eps, t2):
+        """L_Diff and the added term (LPL, RGB or Self-Perceptual; 0 for l2) of one batch, and LPL's
+        selection mask δ (None when the loss has none)."""
         B = len(z0)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         z_t = a * z0 + s * eps
@@ -854,9 +856,38 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
                     loss_aux = per_sample.sum() / B
             if sp is not None:  # Lin & Yang train with their objective alone
                 loss_aux = sp(out, z_t, z0, eps, alpha, sigma, y, t2).mean()
-                loss = loss_aux
-            else:
-                loss = loss_diff + aux_weight * loss_aux  # loss_aux = 0 for l2
+        return loss_diff, loss_aux, m
+
+    if lpl is not None and args.lpl_weight is None:  # the one-fifth rule, measured (Section 4.3)
+        gen = torch.Generator().manual_seed(args.seed + 1_000_003)
+        model.eval()
+        with torch.no_grad():
+            sums = sum(torch.stack(losses(*draw(0, gen))[:2]) for _ in range(args.lpl_calibration_batches))
+        l_diff, l_lpl = mean_over_ranks(sums).tolist()
+        if not l_lpl > 0:
+            fail(f"no sample fell under --lpl-tau {args.lpl_tau} in {args.lpl_calibration_batches} calibration "
+                 f"batches, so the one-fifth rule cannot set w_LPL: raise --lpl-tau or give --lpl-weight")
+        args.lpl_weight = LPL_SHARE / (1 - LPL_SHARE) * l_diff / l_lpl  # w·L_LPL / (L_Diff + w·L_LPL) = 1/5
+        say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule: L_Diff {l_diff / args.lpl_calibration_batches:.4g}, "
+            f"L_LPL {l_lpl / args.lpl_calibration_batches:.4g} on {args.lpl_calibration_batches} batches of the starting model")
+    aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight}.get(args.loss, 0.0)
+    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
+          f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
+          + (f" (w_LPL {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl else "")
+          + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
+          + (f" (frozen block {args.sp_layer})" if sp else "")
+          + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {device}"
+          + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else "")
+          + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
+    if resume is not None and RANK == 0:
+        truncate_log(log_path, step)
+    log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=RANK != 0)
+    acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
+    model.train()
+    while step < args.steps:
+        loss_diff, loss_aux, m = losses(*draw(step))
+        loss = loss_aux if sp is not None else loss_diff + aux_weight * loss_aux  # loss_aux = 0 for l2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
@@ -889,7 +920,7 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
             if aux_weight:  # w·L / L_total: the paper's rule puts LPL's near 1/5 for its w = 3
                 w_aux = aux_weight * acc["aux"] / k
                 row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (acc["diff"] / k + w_aux),
-                            "lpl_frac": acc["frac"] / k})
+                            "lpl_frac": acc["frac"] / k, "lpl_weight" if lpl is not None else "rgb_weight": aux_weight})
             row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
             if log is not None:
                 log.write(json.dumps(row) + "\n"), log.flush()
