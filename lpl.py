@@ -12,14 +12,20 @@ Read this file beside Section 3 of the paper; it follows the section top to bott
     L_tot = L_Diff + w_LPL · L_LPL                     Section 3.2            (the trainer)
 
 It imports only torch and can be copied alone: the autoencoder is passed in, a diffusers one
-(AutoencoderKL of any SD/SDXL/SD3/FLUX.1 config, FLUX.2, Qwen-Image, Wan, DC-AE, TAESD, VQModel) or
-any decoder, given its blocks and a decode function (see LatentPerceptualLoss).
-The loss takes latents; the trainer decides on which samples to call it:
+(AutoencoderKL of any SD/SDXL/SD3/FLUX.1 config, AsymmetricAutoencoderKL, FLUX.2, Qwen-Image, Wan,
+DC-AE, TAESD, VQModel) or any decoder, given its blocks and a decode function (LatentPerceptualLoss).
+In a host trainer, with the tensors of its diffusion step (latents in the diffusion model's scale):
 
     lpl = LatentPerceptualLoss(vae)                                   # frozen, features from hooks
-    m = lpl_mask(alpha_t, sigma_t, tau)                               # (B,) bool
-    z0_hat = z0_from_prediction(out[m], z_t[m], alpha_t[m], sigma_t[m], "eps")
-    loss = loss_diff + w_lpl * lpl(z0_hat, z0[m]).sum() / B           # E[δ · ...] over the batch
+    alpha_t, sigma_t = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, t)   # DDPM; or
+    alpha_t, sigma_t = alpha_sigma_from_flow_time(t)                  # rectified flow, t = 0 data
+    loss = loss_diff + w_lpl * lpl.batch_loss(out, z_t, z0, alpha_t, sigma_t, "eps")  # or "v", "flow"
+
+batch_loss is these steps, each public for readers and for trainers that want them apart:
+
+    m = lpl_mask(alpha_t, sigma_t, tau, resolution_scale)             # (B,) bool, δ of Eq. 3
+    z0_hat = z0_from_prediction(out[m], z_t[m], alpha_t[m], sigma_t[m], "eps")  # Table 1
+    loss = loss_diff + w_lpl * lpl(z0_hat, z0[m]).sum() / B           # E[δ · L_LPL] over the batch
 """
 import functools
 import math
@@ -44,6 +50,11 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
     Table 1 writes v as α_t z_t − σ_t D, which assumes α_t² + σ_t² = 1 (variance preserving); the
     division makes it exact for any α_t, σ_t (α z_t − σ v = (α² + σ²) z0) at no cost.
     """
+    if pred.shape != z_t.shape:
+        hint = (f": a learned-sigma model (DiT, ADM) outputs 2C channels, pass pred[:, :{z_t.shape[1]}], its "
+                f"{'ε' if parameterization == 'eps' else 'prediction'} half" if pred.dim() == z_t.dim()
+                and pred.shape[1] == 2 * z_t.shape[1] else "")
+        raise ValueError(f"the prediction {tuple(pred.shape)} and z_t {tuple(z_t.shape)} differ in shape{hint}")
     a, s = _per_sample(alpha_t, z_t), _per_sample(sigma_t, z_t)  # (B, 1, 1, 1) or scalars
     if parameterization == "eps":
         # pure noise: z_t holds nothing of z0. lpl_mask never selects α = 0; this guards other callers
@@ -59,8 +70,18 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
 
 
 def _per_sample(x, ref):
-    x = torch.as_tensor(x, dtype=ref.dtype, device=ref.device)
+    x = _schedule_value(x, ref.device).to(ref.dtype)
     return x.reshape(-1, *[1] * (ref.dim() - 1)) if x.dim() else x
+
+
+def _schedule_value(x, device=None):
+    """α_t or σ_t (a number, tensor or numpy array) as a float tensor (on `device` if given); integers
+    are refused: they are almost always the timestep t passed where its α_t or σ_t belongs."""
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        raise ValueError(f"α_t and σ_t must be floats, got {x.dtype}: pass the schedule's values at t, not t "
+                         f"itself (alpha_sigma_from_alphas_cumprod / alpha_sigma_from_flow_time give them)")
+    return x if device is None else x.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +98,37 @@ def lpl_mask(alpha_t, sigma_t, tau, resolution_scale=1.0):
         raise ValueError(f"the LPL noise threshold tau must be >= 0, got {tau.tolist()}")
     if not resolution_scale > 0:
         raise ValueError(f"resolution_scale must be > 0, got {resolution_scale}")
-    alpha_t, sigma_t = torch.as_tensor(alpha_t), torch.as_tensor(sigma_t)
+    alpha_t = _schedule_value(alpha_t)
+    sigma_t = _schedule_value(sigma_t, alpha_t.device)
+    if (alpha_t < 0).any() or (sigma_t < 0).any():
+        raise ValueError("α_t and σ_t must be >= 0 (z_t = α_t z0 + σ_t ε)")
     return sigma_t <= tau.to(alpha_t.device) * resolution_scale * alpha_t  # σ/α ≤ τ, no division by α = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# α_t and σ_t in a host trainer's own terms. DDPM codebases keep ᾱ_t (diffusers' and OpenAI's
+# `alphas_cumprod`); the paper's α_t, σ_t are its square roots. Flow codebases differ in where the
+# data sits:
+#   t = 0 is data (minRF, SD3, diffusers' FlowMatchEulerDiscreteScheduler): z_t = (1 − t) z0 + t ε,
+#       the model predicts D = ε − z0: α_t = 1 − t, σ_t = t, pass D as it is ("flow").
+#   t = 1 is data (SiT, torchcfm, flow_matching): x_t = t x1 + (1 − t) x0 with x0 the noise, the model
+#       predicts u = x1 − x0 = −D: α_t = t, σ_t = 1 − t, pass −u.
+# ----------------------------------------------------------------------------------------------
+def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
+    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) for integer timesteps t (B,); alphas_cumprod: a torch tensor or
+    numpy array of ᾱ (diffusers' scheduler.alphas_cumprod, OpenAI's diffusion.alphas_cumprod), read on
+    t's device in float32."""
+    abar = torch.as_tensor(alphas_cumprod).to(device=t.device, dtype=torch.float32)[t]  # (B,)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def alpha_sigma_from_flow_time(t, data_at=0):
+    """(α_t, σ_t) for a flow time t (B,) in [0, 1]; data_at: 0 if t = 0 is data (then D = ε − z0),
+    1 if t = 1 is data (SiT, torchcfm: pass D = −u, the negated velocity)."""
+    if data_at not in (0, 1):
+        raise ValueError(f"data_at must be 0 or 1 (the flow time at which z_t is the data), got {data_at}")
+    t = _schedule_value(t)
+    return (1 - t, t) if data_at == 0 else (t, 1 - t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +266,7 @@ def depth_weights(widths, scheme="pow2"):
 # diffusion model's scale back to the autoencoder's and runs its own decode. Features are grabbed by
 # hooks on the tapped blocks; decoding stops right after the last one (nothing later is used).
 # ----------------------------------------------------------------------------------------------
-SUPPORTED = ("AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1, ...), AutoencoderKLFlux2, AutoencoderKLQwenImage, "
+SUPPORTED = ("AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1, ...), AsymmetricAutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, "
              "AutoencoderKLWan (single frames), AutoencoderDC, AutoencoderTiny, VQModel")
 
 
@@ -229,7 +279,9 @@ def decoder_taps(vae):
     """
     names = {c.__name__ for c in type(vae).__mro__}
     cfg, dec = getattr(vae, "config", None), getattr(vae, "decoder", None)
-    if "AutoencoderKL" in names and hasattr(dec, "mid_block") and hasattr(dec, "up_blocks"):  # the paper's
+    if names & {"AutoencoderKL", "AsymmetricAutoencoderKL"} and hasattr(dec, "mid_block") and hasattr(dec, "up_blocks"):
+        # the paper's: SD, SDXL, SD3, FLUX.1, and the asymmetric SD decoder of its main runs (its decode
+        # runs the same mid block and up blocks when no inpainting image and mask are given).
         # SD's scale (and SD3/FLUX.1's shift): z_diffusion = (z − shift) · scaling_factor
         shift = getattr(cfg, "shift_factor", None) or 0.0
         decode = lambda z: vae.decode(z / cfg.scaling_factor + shift).sample  # noqa: E731
@@ -327,7 +379,7 @@ class LatentPerceptualLoss(nn.Module):
         if normalization not in ("shared", "separate"):
             raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
         if grad_checkpointing:
-            if not {"Decoder"} & {c.__name__ for c in type(getattr(vae, "decoder", None)).__mro__}:
+            if not {"Decoder", "MaskConditionDecoder"} & {c.__name__ for c in type(getattr(vae, "decoder", None)).__mro__}:
                 raise ValueError(f"grad_checkpointing needs a decoder that checkpoints each block "
                                  f"(AutoencoderKL, AutoencoderKLFlux2); {type(vae).__name__} does not")
             vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
@@ -339,8 +391,13 @@ class LatentPerceptualLoss(nn.Module):
         self.normalization, self.detach_sigma = normalization, detach_sigma
         self.outliers, self.kernel_ref_size = outliers, kernel_ref_size
         p = next(vae.parameters())
-        with torch.no_grad():  # one tiny dry run gives the tapped maps' widths, hence r_l and ω_l
-            widths = [f.shape[-1] for f in self.features(p.new_zeros(1, latent_channels, 2, 2))]
+        try:
+            with torch.no_grad():  # one tiny dry run gives the tapped maps' widths, hence r_l and ω_l
+                widths = [f.shape[-1] for f in self.features(p.new_zeros(1, latent_channels, 2, 2))]
+        except (RuntimeError, TypeError, IndexError) as e:  # a 1-D (audio) decoder, wrong latent_channels, ...
+            raise ValueError(f"the decoder cannot decode a (1, {latent_channels}, 2, 2) latent ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:160]}): LPL needs an image decoder of (B, C, h, w) "
+                             f"latents with C = latent_channels") from None
         self.layer_weights = depth_weights(widths, layer_weights)  # ω_1..ω_L
 
     def features(self, z):
@@ -392,6 +449,39 @@ class LatentPerceptualLoss(nn.Module):
             d = layer_distance(f, f_hat, rho, self.normalization, self.detach_sigma)  # (B, C_l)
             loss = loss + w * d.mean(1)  # ω_l / C_l Σ_c
         return loss  # (B,)
+
+    def batch_loss(self, pred, z_t, z0, alpha_t, sigma_t, parameterization, tau=4.0, resolution_scale=None):
+        """w_LPL's term in one call: Eq. 3 with δ, as the expectation over the batch, from the tensors
+        of the host's diffusion step. The samples under the noise threshold are selected (lpl_mask),
+        their ẑ0 computed (z0_from_prediction) and decoded; the others count as 0, so the result is
+        Σ_selected L_LPL / B, a scalar (0 without decoder work when none is selected).
+
+        pred:    the model output D (B, C, h, w): ε, v or ε − z0 (the ε half of a learned-sigma model).
+        z_t, z0: the noised and clean latents (B, C, h, w), in the diffusion model's scale.
+        alpha_t, sigma_t: (B,) floats with z_t = α_t z0 + σ_t ε (see alpha_sigma_from_alphas_cumprod and
+                 alpha_sigma_from_flow_time).
+        tau:     τ on σ/α (3–6 best, Fig. 6), given at 64×64 latents (this project's reading of the
+                 paper's 512 px at f8); resolution_scale defaults to latent width / 64.
+        """
+        alpha_t, sigma_t = _schedule_value(alpha_t, z_t.device), _schedule_value(sigma_t, z_t.device)
+        a, s = alpha_t.flatten(), sigma_t.flatten()
+        if parameterization == "flow" and not torch.allclose(a + s, torch.ones_like(a), atol=1e-4):
+            raise ValueError("flow: α_t = 1 − σ_t (z_t = (1 − t) z0 + t ε, α_t = 1 − t, σ_t = t); for a codebase where "
+                             "t = 1 is the data use alpha_sigma_from_flow_time(t, data_at=1) and pass −u")
+        if parameterization in ("eps", "v") and ((a > 0) & (a < 1)).any() and torch.allclose(a + s, torch.ones_like(a), atol=1e-6):
+            raise ValueError("α_t + σ_t = 1 for every sample: that is ᾱ_t and 1 − ᾱ_t, not DDPM's α_t = √ᾱ_t, σ_t = "
+                             "√(1 − ᾱ_t) (alpha_sigma_from_alphas_cumprod gives them); an ε/v model on the linear path "
+                             "calls lpl_mask, z0_from_prediction and the loss itself")
+        if pred.shape != z_t.shape or z0.shape != z_t.shape:
+            z0_from_prediction(pred, z_t, a, s, parameterization)  # raises the learned-sigma hint, if it is that
+            raise ValueError(f"z0 {tuple(z0.shape)} and z_t {tuple(z_t.shape)} differ in shape")
+        if resolution_scale is None:
+            resolution_scale = z_t.shape[-1] / 64
+        m = lpl_mask(a, s, tau, resolution_scale)  # (B,) bool
+        if not m.any():  # (one host sync, which skips the decoder passes)
+            return pred.new_zeros((), dtype=torch.float32)
+        z0_hat = z0_from_prediction(pred[m], z_t[m], a[m], s[m], parameterization)  # (B_sel, C, h, w)
+        return self(z0_hat, z0[m]).sum() / len(z_t)  # E_batch[δ · L_LPL]
 
     def outlier_mask(self, f):
         """ρ_l from the target's features ϕ, as in the authors' code (Eq. 3 writes ρ(ϕ̂)): a mask
