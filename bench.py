@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lpl import LatentPerceptualLoss, layer_distance, lpl_mask, z0_from_prediction
-from train import (MODELS, HelpFormatter, Parser, build_model, ddpm_scheduler, latent_geometry, load_vae,
+from train import (MODELS, HelpFormatter, Parser, build_model, ddpm_scheduler, fail, latent_geometry, load_vae,
                    pick_device)
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -60,7 +60,15 @@ def get_args(argv=None):
     a("--default-malloc", action="store_true",
       help="CPU: leave glibc's malloc returning freed memory to the OS (see keep_freed_memory)")
     a("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, low in (("batch_size", 1), ("image_size", 1), ("reps", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.lpl_blocks is not None and args.lpl_blocks < 1:
+        fail(f"--lpl-blocks must be >= 1, got {args.lpl_blocks}")
+    if args.lpl_fraction is not None and not 0 < args.lpl_fraction <= 1:
+        fail(f"--lpl-fraction must be in (0, 1], got {args.lpl_fraction}")
+    return args
 
 
 def main(argv=None):
@@ -70,7 +78,14 @@ def main(argv=None):
     torch.manual_seed(0)
     from diffusers import AutoencoderKL
     vae = load_vae(args.vae, device) if args.vae else AutoencoderKL(**SD_VAE).to(device)
+    if "AutoencoderKL" not in {c.__name__ for c in type(vae).__mro__}:  # the limit is timed on its decoder layout
+        fail(f"bench.py times AutoencoderKL-type decoders (SD, SDXL, SD3, FLUX.1); --vae {args.vae} is a "
+             f"{type(vae).__name__}")
     C, f = latent_geometry(vae)
+    patch = MODELS[args.model]["patch_size"]
+    if args.image_size % (f * patch):
+        fail(f"--image-size {args.image_size} must be a multiple of {f * patch}: the VAE downsamples by {f} and "
+             f"{args.model} cuts the latent into {patch}x{patch} patches")
     B, h = args.batch_size, args.image_size // f
     model = build_model(dict(MODELS[args.model], in_channels=C, out_channels=C, sample_size=h,
                              num_embeds_ada_norm=1000)).to(device)
@@ -115,8 +130,10 @@ def main(argv=None):
     dec = vae.decoder
     blocks = [dec.mid_block, *dec.up_blocks][:n_taps]
 
+    post_quant_conv = vae.post_quant_conv or torch.nn.Identity()  # (None when the config turns it off)
+
     def bare_decoder(z):  # the unavoidable work: post_quant_conv, conv_in and the tapped blocks
-        x = dec.conv_in(vae.post_quant_conv(z / vae.config.scaling_factor))
+        x = dec.conv_in(post_quant_conv(z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)))
         outs = []
         for b in blocks:
             x = b(x)

@@ -12,8 +12,9 @@ Compute a large reference's statistics once with `python metrics.py stats FOLDER
 import math
 import os
 
+import numpy as np
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import metrics
@@ -31,6 +32,7 @@ def get_args(argv=None):
     a("--n", type=int, default=None, help="number of samples (default: --per-class per class, at most 10 "
       "rows, for a grid; 1000 for --out-dir)")
     a("--per-class", type=int, default=8, help="grid: samples per class, one row per class")
+    a("--label-rows", action="store_true", help="grid: write each row's class name to its left")
     a("--classes", type=int, nargs="+", default=None, help="class indices to sample (default: all classes, in turn)")
     a("--cfg", type=float, default=1.5, help="guidance scale; 1 = no guidance (the paper: 1.5 at 256 px)")
     a("--steps", type=int, default=50, help="DDIM / Euler steps")
@@ -52,19 +54,45 @@ def get_args(argv=None):
     return args
 
 
+def label_rows(grid, names, pitch):
+    """A white column left of the grid (3, H, W) with each row's name in it; rows are `pitch` px apart."""
+    from PIL import Image, ImageDraw
+    width = 6 * max(len(n) for n in names) + 6  # PIL's built-in font: 6 px per character
+    canvas = Image.new("RGB", (width, grid.shape[1]), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(names):
+        draw.text((3, 2 + r * pitch + pitch // 2 - 6), name, fill="black")
+    column = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255  # (3, H, width)
+    return torch.cat([column, grid], -1)
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.fid and not args.out_dir:
         fail("--fid needs --out-dir (and --n) to write the samples it measures")
-    if not args.out_dir and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        fail(f"--out {args.out!r}: the folder {os.path.dirname(os.path.abspath(args.out))!r} does not exist")
+    if not args.out_dir:
+        if not args.out.lower().endswith(metrics.IMAGE_EXTENSIONS) or os.path.isdir(args.out):
+            fail(f"--out {args.out!r} is not an image file name: end it with one of {', '.join(metrics.IMAGE_EXTENSIONS)}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            fail(f"--out {args.out!r}: the folder {os.path.dirname(os.path.abspath(args.out))!r} does not exist")
+    elif os.path.exists(args.out_dir):  # a sampling run never mixes its samples with an earlier run's
+        if not os.path.isdir(args.out_dir):
+            fail(f"--out-dir {args.out_dir!r} is a file, not a folder")
+        if os.listdir(args.out_dir):
+            fail(f"--out-dir {args.out_dir!r} is not empty: its files would mix with these samples (and FID "
+                 f"would read them); pick a new folder or empty it")
+    if args.fid and (args.n or 1000) < 2:
+        fail(f"--fid needs --n >= 2 (and is only meaningful from thousands), got {args.n}")
     ckpt = load_checkpoint(args.ckpt)
     train_args, classes = ckpt["args"], ckpt["classes"]
     ref = args.fid_ref or train_args["data"]
+    ref_stats = ref_files = None
     if args.fid:  # the network and the reference, before any sampling
         metrics.inception_path()
         if not (ref.endswith(".npz") and os.path.isfile(ref)) and not os.path.isdir(ref):
             fail(f"--fid needs a reference: --fid-ref {ref!r} is neither an image folder nor a statistics .npz")
+        ref_stats = metrics.load_stats(ref) if ref.endswith(".npz") else None
+        ref_files = None if ref_stats else metrics.image_files(ref)
     device = pick_device(args.device)
     model = build_model(ckpt["model_config"]).to(device).eval()
     model.load_state_dict(ckpt["model"] if args.no_ema else ckpt["ema"])
@@ -75,6 +103,18 @@ def main(argv=None):
     if channels != ckpt["latent_shape"][0]:
         fail(f"the VAE {args.vae or train_args['vae']!r} has {channels} latent channels, the "
              f"checkpoint was trained on {ckpt['latent_shape'][0]}: use the VAE it was trained with")
+    size = ckpt["latent_shape"][-1] * latent_geometry(vae)[1]  # the samples' width in pixels
+    extractor = metrics.InceptionFeatures(device=device) if args.fid else None
+    if ref_files:  # FID and the spectrum compare images of one size
+        ref_size = tuple(next(metrics.read_images(ref_files[:1])).shape[-2:])
+        if ref_size != (size, size):
+            fail(f"the --fid-ref images are {ref_size[0]}x{ref_size[1]}, the samples {size}x{size}: give a "
+                 f"reference at the size the model was trained at")
+    if ref_stats:
+        dim = extractor(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1]
+        if ref_stats[0].shape != (dim,):
+            fail(f"--fid-ref {ref!r} holds statistics of {ref_stats[0].shape[0]}-d features, the FID network gives "
+                 f"{dim}-d: write it with 'metrics.py stats' (the same network)")
     if args.out_dir:  # created once the inputs are known to be good, before any sampling
         try:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -89,7 +129,6 @@ def main(argv=None):
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
     images, feats, power = [], [], 0
-    extractor = metrics.InceptionFeatures(device=device) if args.fid else None
     for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
         y = y_all[i:i + args.batch_size].to(device)
         z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen)
@@ -106,13 +145,16 @@ def main(argv=None):
         else:
             images.append(x)
     if not args.out_dir:
-        save_image(torch.cat(images), args.out, nrow=args.per_class)
+        grid = make_grid(torch.cat(images), nrow=args.per_class)  # (3, H, W), 2 px padding
+        if args.label_rows:
+            grid = label_rows(grid, [classes[int(c)] for c in y_all[::args.per_class]], images[0].shape[-1] + 2)
+        save_image(grid, args.out)
         print(f"wrote {args.out}: {n} samples at step {ckpt['step']}, cfg {args.cfg}")
         return
     print(f"wrote {n} samples to {args.out_dir}")
     if args.fid:
         stats = metrics.gaussian_stats(torch.cat(feats))
-        fid = metrics.frechet_distance(*stats, *metrics.fid_stats(ref, extractor))
+        fid = metrics.frechet_distance(*stats, *(ref_stats or metrics.fid_stats(ref, extractor)))
         print(f"FID {fid:.4f} ({n} samples against {ref}; FID grows as n shrinks: compare at equal n)")
         if os.path.isdir(ref):  # against as many reference images, drawn at random
             p_ref = metrics.folder_spectrum(ref, n=min(n, len(metrics.image_files(ref))))

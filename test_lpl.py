@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from lpl import (LatentPerceptualLoss, depth_weights, detect_outliers, kth_smallest, layer_distance, lpl_mask, remove_outliers,
-                 z0_from_prediction)
+from lpl import (LatentPerceptualLoss, alpha_sigma_from_alphas_cumprod, alpha_sigma_from_flow_time, depth_weights,
+                 detect_outliers, kth_smallest, layer_distance, lpl_mask, remove_outliers, z0_from_prediction)
 
 
 def tiny_vae(blocks=2, latent_channels=4, seed=0, **kw):
@@ -252,6 +252,13 @@ def tiny_family(name):
                                         scaling_factor=0.7)
         L = vae.decoder.layers  # conv, act, [block, block], up, conv, [block], up, conv, [block], conv
         return vae.eval(), (lambda z: z / 0.7), [L[3], L[6], L[9]]
+    if name == "asym":  # the paper's main autoencoder: SD's encoder, a wider decoder
+        vae = diffusers.AsymmetricAutoencoderKL(down_block_out_channels=(8, 8), up_block_out_channels=(8, 16),
+                                                down_block_types=("DownEncoderBlock2D",) * 2,
+                                                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_down_block=1,
+                                                layers_per_up_block=1, norm_num_groups=4, latent_channels=4,
+                                                scaling_factor=0.5)
+        return vae.eval(), (lambda z: z / 0.5), [vae.decoder.mid_block, *vae.decoder.up_blocks]
     if name == "vq":
         vae = diffusers.VQModel(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
@@ -260,7 +267,7 @@ def tiny_family(name):
     raise KeyError(name)
 
 
-FAMILIES = ["flux2", "qwen", "wan", "dc", "tiny", "vq"]
+FAMILIES = ["flux2", "qwen", "wan", "dc", "tiny", "vq", "asym"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -659,6 +666,183 @@ def test_bad_inputs_are_clear_errors():
         LatentPerceptualLoss(tiny_vae(blocks=2), layer_weights="linear")
 
 
+# ================================================================ lpl.py in a host trainer (copy-paste)
+def test_alphas_cumprod_of_a_ddpm_scheduler_give_its_noising():
+    """diffusers' DDPMScheduler.add_noise is z_t = α_t z0 + σ_t ε with the (α_t, σ_t) read from its
+    alphas_cumprod, whether the schedule is a torch tensor or OpenAI's numpy float64 array."""
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    z0, eps, t = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8), torch.tensor([0, 10, 200, 500, 999])
+    for abar in (sched.alphas_cumprod, sched.alphas_cumprod.double().numpy()):
+        alpha, sigma = alpha_sigma_from_alphas_cumprod(abar, t)
+        assert alpha.dtype == torch.float32 and alpha.shape == (5,)
+        torch.testing.assert_close(alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps, sched.add_noise(z0, eps, t))
+
+
+def test_gaussian_diffusion_eps_to_x0_equals_z0_from_prediction():
+    """OpenAI's gaussian_diffusion (DiT, ADM) predicts x0 as sqrt(1/ᾱ)·x_t − sqrt(1/ᾱ − 1)·ε, written
+    here from its source; lpl.py's ẑ0 from its alphas_cumprod is the same."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)  # gaussian_diffusion's linear schedule
+    abar = np.cumprod(1 - betas)
+    t = torch.tensor([3, 100, 700])
+    x_t, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    a = torch.from_numpy(abar)[t].float().view(-1, 1, 1, 1)
+    theirs = (1 / a).sqrt() * x_t - (1 / a - 1).sqrt() * eps
+    alpha, sigma = alpha_sigma_from_alphas_cumprod(abar, t)
+    torch.testing.assert_close(z0_from_prediction(eps, x_t, alpha, sigma, "eps"), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_conventions_equal_a_one_step_euler_to_the_data():
+    """t = 0 data (minRF, SD3): ẑ0 = z_t + (0 − t)·D, one Euler step to t = 0. t = 1 data (SiT,
+    torchcfm): x̂1 = x_t + (1 − t)·u, one step to t = 1; lpl.py takes α = t, σ = 1 − t and D = −u."""
+    x, v, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(4)
+    tt = t.view(-1, 1, 1, 1)
+    alpha, sigma = alpha_sigma_from_flow_time(t)  # data at t = 0
+    torch.testing.assert_close(z0_from_prediction(v, x, alpha, sigma, "flow"), x - tt * v)
+    alpha, sigma = alpha_sigma_from_flow_time(t, data_at=1)
+    torch.testing.assert_close(z0_from_prediction(-v, x, alpha, sigma, "flow"), x + (1 - tt) * v)
+    with pytest.raises(ValueError, match="data_at must be 0 or 1"):
+        alpha_sigma_from_flow_time(t, data_at=2)
+
+
+def test_batch_loss_is_the_selected_samples_losses_over_the_batch():
+    vae = tiny_vae(blocks=3)
+    lpl = LatentPerceptualLoss(vae)
+    z0, eps = torch.randn(6, 4, 4, 4), torch.randn(6, 4, 4, 4)
+    alpha = torch.tensor([0.99, 0.9, 0.75, 0.5, 0.3, 0.1])
+    sigma = (1 - alpha ** 2).sqrt()
+    z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
+    pred = (eps + 0.3 * torch.randn_like(eps)).requires_grad_()
+    got = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=1.0, resolution_scale=1.0)
+    m = sigma / alpha <= 1.0  # the first three samples
+    assert m.tolist() == [True, True, True, False, False, False]
+    z0_hat = (z_t[m] - sigma[m].view(-1, 1, 1, 1) * pred[m]) / alpha[m].view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, lpl(z0_hat, z0[m]).sum() / 6)
+    got.backward()
+    assert (pred.grad[3:] == 0).all() and (pred.grad[:3] != 0).any()  # gradients only where δ = 1
+    calls = []
+    vae.decoder.mid_block.register_forward_hook(lambda *a: calls.append(1))
+    zero = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=0.01, resolution_scale=1.0)
+    assert zero.item() == 0 and calls == []  # nothing selected: no decoder pass
+    # the default resolution scale: τ is given at 64x64 latents, so 4x4 latents scale it by 1/16
+    torch.testing.assert_close(lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0), got)
+
+
+def test_host_trainer_traps_are_clear_errors():
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    z0, z_t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    alpha, sigma = torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"learned-sigma model .* pass pred\[:, :4\]"):
+        lpl.batch_loss(torch.randn(2, 8, 4, 4), z_t, z0, alpha, alpha, "eps")
+    with pytest.raises(ValueError, match="must be floats, got torch.int64: pass the schedule's values at t"):
+        lpl.batch_loss(z0, z_t, z0, torch.tensor([3, 500]), torch.tensor([3, 500]), "eps")
+    with pytest.raises(ValueError, match="must be floats"):
+        lpl_mask(torch.tensor([3, 500]), torch.tensor([3, 500]), 4.0)
+    abar = torch.tensor([0.9, 0.6])
+    with pytest.raises(ValueError, match="that is ᾱ_t and 1 − ᾱ_t"):
+        lpl.batch_loss(z0, z_t, z0, abar, 1 - abar, "eps")
+    with pytest.raises(ValueError, match="flow: α_t = 1 − σ_t"):
+        lpl.batch_loss(z0, z_t, z0, alpha, alpha, "flow")
+    with pytest.raises(ValueError, match=">= 0"):
+        lpl_mask(torch.tensor([-0.5]), torch.tensor([0.5]), 4.0)
+
+
+def readme_recipes():
+    """{name: code} of the README's recipes: the python block after each '<!-- recipe: name -->'."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    parts = text.split("<!-- recipe: ")[1:]
+    return {p.split(" -->")[0]: p.split("```python\n")[1].split("```")[0] for p in parts}
+
+
+class _GaussianDiffusion:
+    """The part of OpenAI's gaussian_diffusion (DiT, ADM) the recipe touches, written from its source:
+    alphas_cumprod a numpy float64 array; q_sample; training_losses calls model(x_t, t, **kwargs) once
+    and, for a learned-sigma model, regresses the first C channels on the noise."""
+
+    def __init__(self):
+        self.num_timesteps = 1000
+        self.alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+
+    def q_sample(self, x, t, noise):
+        a = torch.from_numpy(self.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        return a.sqrt() * x + (1 - a).sqrt() * noise
+
+    def training_losses(self, model, x, t, model_kwargs, noise):
+        out = model(self.q_sample(x, t, noise), t, **model_kwargs)
+        return {"loss": (out[:, :x.shape[1]] - noise).square().mean((1, 2, 3))}
+
+
+def test_readme_recipes_run_and_equal_the_host_s_own_x0():
+    """Each recipe of "Using the loss in your own trainer", run as printed inside a host's step, adds
+    exactly w·Σ_selected L_LPL(x̂0) / B, with x̂0 from the host's own formula (the DDPM scheduler's
+    pred_original_sample, gaussian_diffusion's sqrt(1/ᾱ)·x_t − sqrt(1/ᾱ − 1)·ε, a flow's Euler step
+    to t = 0) and the selection σ/α ≤ τ·(latent width / 64) written out."""
+    from diffusers import DDPMScheduler
+    recipes = readme_recipes()
+    assert len(recipes) == 3 and all(len(code.strip().splitlines()) <= 10 for code in recipes.values())
+    vae = tiny_vae(blocks=2)
+    lpl = LatentPerceptualLoss(vae)
+    B, w_lpl, tau = 16, 0.5, 4.0
+    g = torch.Generator().manual_seed(0)
+    z0, noise, y = torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g), torch.arange(B) % 3
+    t = torch.linspace(0, 999, B).long()
+    dit = lambda out_channels: train.build_model(dict(train.MODELS["DiT-T/2"], in_channels=4, out_channels=out_channels,  # noqa: E731
+                                                      sample_size=8, num_embeds_ada_norm=3))
+
+    def expected(z0_hat_all, alpha, sigma):
+        m = sigma <= tau * (8 / 64) * alpha
+        assert 0 < m.sum() < B
+        return w_lpl * lpl(z0_hat_all[m], z0[m]).sum() / B
+
+    # diffusers DDPMScheduler
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    ns = dict(torch=torch, F=F, lpl=lpl, B=B, w_lpl=w_lpl, y=y, z0=z0, noise=noise, t=t, scheduler=scheduler,
+              model=dit(4), alpha_sigma_from_alphas_cumprod=alpha_sigma_from_alphas_cumprod,
+              alpha_sigma_from_flow_time=alpha_sigma_from_flow_time, z_t=scheduler.add_noise(z0, noise, t))
+    exec(recipes["diffusers DDPMScheduler"], ns)
+    pred = ns["pred"].detach()
+    x0 = torch.stack([scheduler.step(pred[i:i + 1], int(t[i]), ns["z_t"][i:i + 1]).pred_original_sample[0] for i in range(B)])
+    abar = scheduler.alphas_cumprod[t]
+    torch.testing.assert_close(ns["loss"] - F.mse_loss(ns["pred"], noise), expected(x0, abar.sqrt(), (1 - abar).sqrt()))
+
+    # OpenAI gaussian_diffusion with a learned-sigma DiT (2C output channels)
+    diffusion = _GaussianDiffusion()
+    ns = dict(torch=torch, lpl=lpl, w_lpl=w_lpl, x=z0, t=t, model=dit(8), model_kwargs=dict(class_labels=y),
+              diffusion=diffusion, alpha_sigma_from_alphas_cumprod=alpha_sigma_from_alphas_cumprod)
+    model = ns["model"]
+    ns["model"] = lambda x_t, t, class_labels: model(x_t, timestep=t, class_labels=class_labels).sample  # DiT's call
+    torch.manual_seed(1)
+    exec(recipes["OpenAI gaussian_diffusion (DiT, ADM)"], ns)
+    eps_hat, x_t = ns["out"][:, :4].detach(), ns["x_t"]
+    a = torch.from_numpy(diffusion.alphas_cumprod)[t].float()
+    x0 = (1 / a).sqrt().view(-1, 1, 1, 1) * x_t - (1 / a - 1).sqrt().view(-1, 1, 1, 1) * eps_hat
+    l2 = (eps_hat - ns["noise"]).square().mean()
+    torch.testing.assert_close(ns["loss"], l2 + expected(x0, a.sqrt(), (1 - a).sqrt()), rtol=1e-4, atol=1e-5)
+
+    # rectified flow, t = 0 data
+    flow_model = dit(4)
+    ns = dict(torch=torch, F=F, lpl=lpl, B=B, w_lpl=w_lpl, y=y, z0=z0, noise=noise, alpha_sigma_from_flow_time=alpha_sigma_from_flow_time,
+              model=lambda z_t, t, y: flow_model(z_t, timestep=1000 * t, class_labels=y).sample)
+    torch.manual_seed(2)
+    exec(recipes["rectified flow (minRF, SD3)"], ns)
+    tt, pred = ns["t"], ns["pred"].detach()
+    x0 = ns["z_t"] + (0 - tt).view(-1, 1, 1, 1) * pred  # one Euler step to t = 0
+    torch.testing.assert_close(ns["loss"] - F.mse_loss(ns["pred"], noise - z0), expected(x0, 1 - tt, tt), rtol=1e-4, atol=1e-5)
+    ns["loss"].backward()  # and the gradient reaches the host's model
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow_model.parameters())
+
+
+def test_decoders_that_cannot_decode_an_image_latent_are_one_clear_error():
+    """A 1-D (audio) decoder, or a decoder given the wrong latent_channels, fails in the loss's own
+    dry run with a ValueError that says so, not with a raw convolution error later."""
+    conv1d = torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.Conv1d(8, 2, 3, padding=1))
+    with pytest.raises(ValueError, match="LPL needs an image decoder"):
+        LatentPerceptualLoss(conv1d, taps=[conv1d[0]], decode=conv1d, latent_channels=4)
+    vae = tiny_vae(blocks=2)
+    with pytest.raises(ValueError, match=r"cannot decode a \(1, 16, 2, 2\) latent"):
+        LatentPerceptualLoss(vae, taps=[vae.decoder.mid_block], decode=lambda z: vae.decode(z).sample, latent_channels=16)
+
+
 # ================================================================ train.py / sample.py end to end
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -1039,7 +1223,11 @@ def test_bad_input_is_one_line(assets, tmp_path):
         "--batch-size must be >= 1": ["--batch-size", "0"],
         "--lr must be a positive number": ["--lr", "-1"],
         "--lr must be a positive number, got nan": ["--lr", "nan"],
-        "--lpl-tau must be >= 0": ["--lpl-tau", "nan"],
+        "--lpl-tau must be a positive number": ["--lpl-tau", "nan"],
+        "--lpl-tau must be a positive number (0 would select no sample)": ["--lpl-tau", "0"],
+        "--sp-layer must be >= 1": ["--loss", "self-perceptual", "--init-from", str(assets / "runs" / "pre"),
+                                    "--sp-layer", "0"],
+        "--lr must be a positive number, got -0.0001": ["--lr", "-1e-4"],  # argparse reads -1e-4 as a number
         "num_blocks must be in 1..3": ["--loss", "lpl", "--lpl-blocks", "9"],
         "--log-every must be >= 1": ["--log-every", "0"],
         "--ckpt-every must be >= 1": ["--ckpt-every", "0"],
@@ -1083,6 +1271,8 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
         "--steps must be >= 1": ["--steps", "0"],
         "--cfg must be a number": ["--cfg", "nan"],
         "does not exist": ["--out", str(tmp_path / "missing" / "grid.png")],
+        "is not an image file name": ["--out", str(tmp_path / "grid")],
+        "is not an image file name: end it": ["--out", str(tmp_path)],  # an existing folder
         "8 latent channels": ["--vae", str(assets / "vae8")],
         "--classes must be in 0..2": ["--classes", "3"],
         "--per-class must be >= 1": ["--per-class", "0"],
@@ -1090,7 +1280,40 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
     for expected, extra in cases.items():
         assert expected in one_line_error(sample.main, ["--ckpt", ckpt, *extra]), expected
     assert "non-finite weights" in one_line_error(sample.main, ["--ckpt", str(tmp_path / "nan.pt")])
+    # FID's inputs are checked before any sampling: nothing is written
+    net = tmp_path / "net.pt"
+    torch.jit.script(_ColourMeans()).save(str(net))
+    metrics_inception = metrics.inception_path
+    metrics.inception_path = lambda: str(net)
+    try:
+        write_pngs(tmp_path / "big", classes=("a",), per_class=2, size=32)
+        np.savez(tmp_path / "wrong-dim.npz", mu=np.zeros(5), sigma=np.eye(5))
+        np.savez(tmp_path / "no-sigma.npz", mu=np.zeros(3))
+        (tmp_path / "used").mkdir()
+        (tmp_path / "used" / "000000.png").write_bytes(b"old")
+        out = str(tmp_path / "s")
+        fid_cases = {
+            "the samples 16x16": ["--fid-ref", str(tmp_path / "big")],
+            "holds statistics of 5-d features, the FID network gives 3-d": ["--fid-ref", str(tmp_path / "wrong-dim.npz")],
+            "is not an FID statistics file": ["--fid-ref", str(tmp_path / "no-sigma.npz")],
+            "holds no images": ["--fid-ref", str(assets / "empty")],
+            "--fid needs --n >= 2": ["--n", "1", "--fid-ref", str(assets / "data")],
+        }
+        for expected, extra in fid_cases.items():
+            assert expected in one_line_error(sample.main, ["--ckpt", ckpt, "--fid", "--out-dir", out, *extra]), expected
+            assert not os.path.exists(out), expected
+        msg = one_line_error(sample.main, ["--ckpt", ckpt, "--out-dir", str(tmp_path / "used"), "--n", "2"])
+        assert "is not empty" in msg and os.listdir(tmp_path / "used") == ["000000.png"]  # never mixed, never lost
+    finally:
+        metrics.inception_path = metrics_inception
+
+
     assert "non-finite latents" in one_line_error(sample.main, ["--ckpt", ckpt, "--cfg", "1e30", "--steps", "2"])
+
+
+class _ColourMeans(torch.nn.Module):  # a stand-in FID network: 3-d features
+    def forward(self, x):
+        return x.mean((2, 3))
 
 
 def test_grid_has_a_row_per_class_and_is_reproducible(assets, tmp_path):
@@ -1101,6 +1324,11 @@ def test_grid_has_a_row_per_class_and_is_reproducible(assets, tmp_path):
     assert Image.open(tmp_path / "g.png").size == (3 * 18 + 2, 3 * 18 + 2)  # 16 px images, 2 px padding
     sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "h.png"), "--per-class", "3", "--steps", "2"])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "h.png")))
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "l.png"), "--per-class", "3", "--steps", "2", "--label-rows"])
+    labelled = np.asarray(Image.open(tmp_path / "l.png"))
+    w = labelled.shape[1] - (3 * 18 + 2)  # a column of names ("cat", "dog", "ship") left of the same grid
+    assert w > 0 and np.array_equal(labelled[:, w:], np.asarray(Image.open(tmp_path / "g.png")))
+    assert (labelled[:, :w] < 128).any() and (labelled[:, :w] == 255).mean() > 0.5  # dark text on white
 
 
 def test_help_shows_every_default(capsys):
@@ -1269,13 +1497,13 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
                                        str(tmp_path / "nope")])
     assert "neither an image folder nor a statistics .npz" in msg and not (tmp_path / "s").exists()
     metrics.main(["stats", str(assets / "data"), str(tmp_path / "ref.npz")])
-    for ref in (str(assets / "data"), str(tmp_path / "ref.npz")):  # the run's data folder, or its statistics
+    for i, ref in enumerate((str(assets / "data"), str(tmp_path / "ref.npz"))):  # the data folder, or its statistics
         capsys.readouterr()
-        sample.main(["--ckpt", ckpt, "--out-dir", str(tmp_path / "s"), "--n", "12", "--steps", "2", "--fid",
+        sample.main(["--ckpt", ckpt, "--out-dir", str(tmp_path / f"s{i}"), "--n", "12", "--steps", "2", "--fid",
                      "--fid-ref", ref])
         printed = float(capsys.readouterr().out.split("FID ")[1].split()[0])
         ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
-        feats = metrics.features_of_files(metrics.image_files(str(tmp_path / "s")), ext)
+        feats = metrics.features_of_files(metrics.image_files(str(tmp_path / f"s{i}")), ext)
         ref_feats = metrics.features_of_files(metrics.image_files(str(assets / "data")), ext)
         assert printed == pytest.approx(fid_of_features(feats, ref_feats), abs=1e-4)
 
@@ -1298,6 +1526,12 @@ def test_metrics_cli(tmp_path, capsys):
     errors = [float(line.split()[2]) for line in capsys.readouterr().out.splitlines() if line.startswith("spectrum error")]
     assert errors[0] == 0 and errors[1] > 0  # each folder against the last one: a against itself is 0
     assert Image.open(tmp_path / "s.png").size[0] > 100
+    a, b = (tmp_path / "a" / "x" / "0.png"), (tmp_path / "a" / "x" / "1.png")
+    metrics.main(["diff", str(a), str(b), "--gain", "2", "--zoom", "3", "--out", str(tmp_path / "d.png")])
+    d = np.asarray(Image.open(tmp_path / "d.png")).astype(int)  # a | b | 128 + 2 (b - a), each 3x upscaled
+    xa, xb = np.asarray(Image.open(a)).astype(int), np.asarray(Image.open(b)).astype(int)
+    assert d.shape == (48, 144, 3) and (d[::3, :48:3] == xa).all() and (d[::3, 48:96:3] == xb).all()
+    assert (d[::3, 96::3] == np.clip(128 + 2 * (xb - xa), 0, 255)).all()
     assert "must share one size" in one_line_error(metrics.main, ["spectrum", str(tmp_path), str(tmp_path / "b")])
     (tmp_path / "empty").mkdir()
     assert "holds no images" in one_line_error(metrics.main, ["spectrum", str(tmp_path / "empty"), str(tmp_path / "b")])
@@ -1477,3 +1711,142 @@ def test_torchrun_two_ranks_equal_one_rank_and_resume_exactly(assets, tmp_path):
     p = torchrun(train_args(assets, tmp_path / "odd", "--batch-size", "7", "--device", "cpu"))
     assert p.returncode != 0 and "error: --batch-size 7 (the global batch) must be a multiple of the 2 ranks" in p.stderr
     assert not (tmp_path / "odd").exists()
+
+
+# ---------------------------------------------------------------- no silent wrong answer, no lost work, no hang
+def _png16_rgb(path, arr):
+    """A 16-bit RGB PNG written by hand (PIL cannot write one): arr (H, W, 3) uint16."""
+    import struct
+    import zlib
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[i].astype(">u2").tobytes() for i in range(h))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_images_of_any_depth_and_mode_read_as_what_they_show(tmp_path):
+    """16-bit grayscale became white (every pixel 255) through PIL's convert("RGB"); 16-bit RGB,
+    palette, grayscale and transparent images must all read as the picture they show."""
+    ramp = np.arange(16 * 16, dtype=np.float64).reshape(16, 16) / 255  # 0..1
+    gray8 = np.round(ramp * 255).astype(np.uint8)
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    rgb16 = np.stack([np.round(ramp * 65535)] * 3, -1).astype(np.uint16)
+    rgb16[..., 2] = 65535 - rgb16[..., 2]
+    _png16_rgb(tmp_path / "rgb16.png", rgb16)
+    Image.fromarray(gray8).save(tmp_path / "g8.png")
+    pal = Image.fromarray(gray8, "P")  # palette indices 0..255 into a gray palette
+    pal.putpalette([v for i in range(256) for v in (i, i, i)])
+    pal.save(tmp_path / "p.png")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[:8, :, 3], rgba[8:, :, 3] = 200, 255, 0  # red on top; below, invisible red
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    expected_gray = np.stack([gray8] * 3, -1)
+    for name in ("g16", "g8", "p"):
+        np.testing.assert_array_equal(np.asarray(metrics.load_rgb(tmp_path / f"{name}.png")), expected_gray, err_msg=name)
+    got = np.asarray(metrics.load_rgb(tmp_path / "rgb16.png")).astype(int)
+    assert np.abs(got[..., 0] - gray8).max() <= 1 and np.abs(got[..., 2] - (255 - gray8)).max() <= 1
+    got = np.asarray(metrics.load_rgb(tmp_path / "rgba.png"))
+    assert (got[:8] == [200, 0, 0]).all() and (got[8:] == 255).all()  # transparent = the white page
+    # and the trainer's loader and metrics.py read them the same way
+    assert np.array_equal(np.asarray(train.read_rgb(str(tmp_path / "g16.png"))), expected_gray)
+    batch = next(metrics.read_images([str(tmp_path / "g16.png")]))
+    assert batch.shape == (1, 3, 16, 16) and np.array_equal(batch[0].permute(1, 2, 0).numpy(), expected_gray)
+
+
+def test_fid_of_one_image_is_an_error_not_a_hang(tmp_path):
+    net = tmp_path / "net.pt"
+    torch.jit.script(_ColourMeans()).save(str(net))
+    ext = metrics.InceptionFeatures(str(net))
+    write_pngs(tmp_path / "one", classes=("a",), per_class=1)
+    write_pngs(tmp_path / "many", classes=("a",), per_class=4)
+    assert "at least 2 images" in one_line_error(metrics.fid_stats, str(tmp_path / "one"), ext)
+    mu, sigma = metrics.fid_stats(str(tmp_path / "many"), ext)
+    assert "not finite" in one_line_error(metrics.frechet_distance, mu, sigma * np.nan, mu, sigma)
+    assert "differ in dimension" in one_line_error(metrics.frechet_distance, mu, sigma, mu[:2], sigma[:2, :2])
+
+
+def test_metrics_cli_checks_its_inputs(tmp_path):
+    write_pngs(tmp_path / "a16", classes=("a",), per_class=2, size=16)
+    write_pngs(tmp_path / "a32", classes=("a",), per_class=2, size=32)
+    assert ".npz" in one_line_error(metrics.main, ["stats", str(tmp_path / "a16"), str(tmp_path / "ref")])
+    assert "different sizes" in one_line_error(metrics.main, ["spectrum", str(tmp_path / "a16"), str(tmp_path / "a32")])
+
+
+def test_resume_from_another_folder_trains_on_its_own_data_or_refuses(assets, tmp_path, monkeypatch):
+    """Paths given relative to where a run started are stored absolute, so --resume from any folder
+    finds the same data, VAE and latent cache; data that changed since is refused, never trained on."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    shutil.copytree(assets / "data", start / "data")
+    shutil.copytree(assets / "vae", start / "vae")
+    write_pngs(elsewhere / "data", classes=("x", "y", "z"), seed=7)  # other images under the same relative name
+    monkeypatch.chdir(start)
+    train.main(["--data", "data", "--vae", "vae", "--image-size", "16", "--model", "DiT-T/2", "--batch-size", "8",
+                "--run-dir", "runs/r", "--steps", "1", "--sample-every", "1000"])
+    saved = load(start / "runs" / "r" / "ckpt.pt")["args"]
+    assert saved["data"] == str(start / "data") and saved["vae"] == str(start / "vae")
+    monkeypatch.chdir(elsewhere)
+    train.main(["--resume", str(start / "runs" / "r"), "--steps", "2"])
+    assert len(list((start / "runs").glob("latents-*.pt"))) == 1  # the run's own latents, not new ones
+    assert not list(elsewhere.rglob("*.pt"))  # nothing written where it was resumed from
+    assert load(start / "runs" / "r" / "ckpt.pt")["step"] == 2
+    os.utime(start / "data" / "cat" / "0.png", (0, 0))  # the data changed since
+    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "3"])
+    assert "are not those" in msg and "resumes only on its own data" in msg
+    shutil.rmtree(start / "vae")
+    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "3"])
+    assert "does not exist" in msg and "--vae" in msg and load(start / "runs" / "r" / "ckpt.pt")["step"] == 2
+
+
+def test_first_runs_side_by_side_share_one_encoding(assets, tmp_path):
+    """Two first runs in one parent folder: the second waits for the first one's latent cache
+    instead of racing it on one temporary file; both train."""
+    data = tmp_path / "data"
+    write_pngs(data, per_class=24)
+    argv = lambda run: [sys.executable, "train.py", *train_args(assets, tmp_path / "runs" / run, "--steps", "1")[:1],  # noqa: E731
+                        str(data), *train_args(assets, tmp_path / "runs" / run, "--steps", "1")[2:]]
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(argv(r), cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in ("a", "b")]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(list((tmp_path / "runs").glob("latents-*.pt"))) == 1
+    assert not list((tmp_path / "runs").glob("*.tmp"))
+
+
+def test_bad_caches_and_half_written_logs_are_recovered(assets, tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    train.main(train_args(assets, run, "--steps", "2", "--ckpt-every", "1"))
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss_d')  # a kill in the middle of a log row
+    (cache,) = (tmp_path / "runs").glob("latents-*.pt")
+    good = torch.load(cache)
+    bad = dict(good, z=good["z"][:, :, :2])  # latents of another shape
+    torch.save(bad, cache)
+    train.main(["--resume", str(run), "--steps", "3"])
+    assert "encoding the data again" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3]
+    assert torch.equal(torch.load(cache)["z"], good["z"])
+    torch.save(dict(good, y=good["y"] + 10), cache)  # labels out of range
+    train.main(["--resume", str(run), "--steps", "4"])
+    assert "labelled with other classes" in capsys.readouterr().out
+
+
+def test_init_from_is_checked_before_the_work(assets, tmp_path):
+    pre = assets / "runs" / "pre"
+    bad = load(pre / "ckpt.pt")
+    bad["model"] = {k: v * float("inf") if v.is_floating_point() else v for k, v in bad["model"].items()}
+    torch.save(bad, tmp_path / "inf.pt")
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--init-from", str(tmp_path / "inf.pt")))
+    assert "non-finite model weights" in msg and not (tmp_path / "r").exists()
+    train.main(train_args(assets, tmp_path / "r", "--init-from", str(pre), "--steps", "1"))  # a run directory
+    assert load(tmp_path / "r" / "ckpt.pt")["args"]["init_from"] == str(pre / "ckpt.pt")
+
+
+def test_bench_checks_its_inputs():
+    import bench
+    for argv, expected in ((["--reps", "0"], "--reps must be >= 1"), (["--image-size", "0"], "--image-size must be >= 1"),
+                           (["--image-size", "20"], "must be a multiple of 16"),
+                           (["--lpl-fraction", "0"], "--lpl-fraction must be in (0, 1]")):
+        assert expected in one_line_error(bench.main, argv), argv

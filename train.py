@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import zipfile
@@ -56,6 +57,11 @@ RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every"
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # argparse takes "-1" and "-.5" as numbers but "-1e-4" as an option name; these take all three
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message):  # one line, not the whole usage block
         sys.exit(f"{self.prog}: error: {message} (see --help)")
 
@@ -163,13 +169,21 @@ def check_args(args):
     need(args.lpl_calibration_batches >= 1, f"--lpl-calibration-batches must be >= 1, got {args.lpl_calibration_batches}")
     need(args.lpl_weight is None or math.isfinite(args.lpl_weight) and args.lpl_weight > 0,
          f"--lpl-weight must be a positive number, got {args.lpl_weight} (--loss l2 turns LPL off)")
-    need(math.isfinite(args.lpl_tau) and args.lpl_tau >= 0, f"--lpl-tau must be >= 0, got {args.lpl_tau}")
+    need(math.isfinite(args.lpl_tau) and args.lpl_tau > 0, f"--lpl-tau must be a positive number (0 would select "
+         f"no sample), got {args.lpl_tau}")
+    need(args.sp_layer is None or args.sp_layer >= 1, f"--sp-layer must be >= 1 (1 = the first block), got {args.sp_layer}")
     need(args.lpl_blocks is None or args.lpl_blocks >= 1, f"--lpl-blocks must be >= 1, got {args.lpl_blocks}")
     need(math.isfinite(args.rgb_weight) and args.rgb_weight > 0, f"--rgb-weight must be a positive number, got {args.rgb_weight}")
     need(math.isfinite(args.min_snr_gamma) and args.min_snr_gamma > 0,
          f"--min-snr-gamma must be a positive number, got {args.min_snr_gamma}")
     need(args.loss != "self-perceptual" or args.init_from or args.resume, "--loss self-perceptual needs "
          "--init-from CKPT: the pre-trained model is its frozen feature network (Lin & Yang)")
+
+
+def looks_like_path(name):
+    """A local path rather than 'cifar10' or a Hugging Face id (org/name, org/name/subfolder)."""
+    return name != "cifar10" and (name.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(name))
+                                  or name.count("/") == 0)
 
 
 def fail(msg):
@@ -246,8 +260,12 @@ def load_vae(name, device):
     try:  # low_cpu_mem_usage=False: the same load, without diffusers' warning that accelerate is missing
         vae = AutoModel.from_pretrained(repo, subfolder=sub, low_cpu_mem_usage=False)
     except Exception as e:
-        fail(f"cannot load the VAE {name!r} ({type(e).__name__}): give --vae a Hugging Face id you can "
-             f"download (a pipeline's as org/repo/vae) or a folder written by save_pretrained")
+        cause = " ".join(str(e).split())[:200]
+        if os.path.isdir(name):
+            fail(f"cannot load the VAE folder {name!r}: {type(e).__name__}: {cause}. Give a folder written by "
+                 f"save_pretrained (config.json and its weights)")
+        fail(f"cannot load the VAE {name!r} from the Hugging Face Hub: {type(e).__name__}: {cause}. Offline "
+             f"(or with HF_HUB_OFFLINE=1), give --vae a local folder written by save_pretrained")
     try:
         decoder_taps(vae)
     except ValueError:
@@ -288,7 +306,8 @@ def encode_latents(vae, x):
         return (vae.encode(x).latents - (getattr(cfg, "shift_factor", 0.0) or 0.0)) * cfg.scaling_factor
     if "VQModel" in names:  # the continuous latent, before the codebook (as lpl.py decodes it)
         return vae.encode(x).latents * cfg.scaling_factor
-    return (vae.encode(x).latent_dist.mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor  # SD, SD3, FLUX.1
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    return (vae.encode(x).latent_dist.mean - shift) * cfg.scaling_factor  # SD, SD3, FLUX.1, asymmetric SD
 
 
 class UnreadableImage(Exception):
@@ -296,11 +315,11 @@ class UnreadableImage(Exception):
 
 
 def read_rgb(path):
-    """ImageFolder's loader, with the file named when it fails (truncated PNG, not an image)."""
-    from PIL import Image
+    """ImageFolder's loader, reading 16-bit and transparent images as what they show
+    (metrics.load_rgb), with the file named when it fails (truncated PNG, not an image)."""
+    from metrics import load_rgb
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return load_rgb(path)
     except Exception as e:
         raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from None
 
@@ -393,27 +412,71 @@ def cache_path(args, vae, files):
                         f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
 
 
-def encode_dataset(args, vae, device, ds, classes, cache):
-    """Latents in the diffusion model's scale (encode_latents) of each image and its mirror."""
-    if os.path.exists(cache):
+def encode_dataset(args, vae, device, ds, classes, cache, latent_shape):
+    """Latents in the diffusion model's scale (encode_latents) of each image and its mirror, cached.
+    Runs that share a parent folder share the cache; a lock makes a second run wait for the first
+    one's encoding instead of encoding (and writing) the same file at the same time."""
+    with open(cache + ".lock", "a") as lock:
         try:
-            return torch.load(cache)
-        except Exception as e:  # truncated by a kill, or not ours: encode again
-            tqdm.write(f"the latent cache {cache} is unreadable ({type(e).__name__}); encoding the data again")
-    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.num_workers)
-    zs, ys = [], []
-    try:
-        with torch.no_grad():
-            for x, y in tqdm(loader, desc="encoding dataset (once)"):
-                x = x.to(device)
-                for view in (x, x.flip(-1)):  # both horizontal flips
-                    zs.append(encode_latents(vae, view).half().cpu())
-                    ys.append(y)
-    except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
-        fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
-    data = dict(z=torch.cat(zs), y=torch.cat(ys), classes=classes)
-    atomic_save(data, cache)
-    return data
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tqdm.write(f"waiting for another run that is encoding the same data into {cache}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(cache):
+            try:
+                data = torch.load(cache)
+                problem = cache_problem(data, len(ds), classes, latent_shape)
+            except Exception as e:  # truncated by a kill, or not ours
+                problem = f"unreadable ({type(e).__name__})"
+            if problem is None:
+                return data
+            tqdm.write(f"the latent cache {cache} is {problem}; encoding the data again")
+        check_images(ds)  # every file readable, before the minutes of encoding
+        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.num_workers)
+        zs, ys = [], []
+        try:
+            with torch.no_grad():
+                for x, y in tqdm(loader, desc="encoding dataset (once)"):
+                    x = x.to(device)
+                    for view in (x, x.flip(-1)):  # both horizontal flips
+                        zs.append(encode_latents(vae, view).half().cpu())
+                        ys.append(y)
+        except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
+            fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
+        data = dict(z=torch.cat(zs), y=torch.cat(ys), classes=classes)
+        atomic_save(data, cache)
+        return data
+
+
+def cache_problem(data, n_images, classes, latent_shape):
+    """What is wrong with a loaded latent cache, or None: it must hold both flips of every image,
+    latents of the VAE's shape and labels of the data's classes."""
+    if not isinstance(data, dict) or not {"z", "y", "classes"} <= set(data):
+        return "not a latent cache"
+    z, y = data["z"], data["y"]
+    if tuple(z.shape) != (2 * n_images, *latent_shape) or tuple(y.shape) != (2 * n_images,):
+        return f"of latents {tuple(z.shape)}, not the {2 * n_images} x {latent_shape} of this data and VAE"
+    if data["classes"] != list(classes) or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes)):
+        return "labelled with other classes"
+    if not z.isfinite().all():
+        return "not finite"
+    return None
+
+
+def check_images(ds):
+    """Every image of an image folder opens and passes PIL's check (0.3 ms per small PNG), so that a
+    bad file stops the run before the encoding, not in the middle of it."""
+    from PIL import Image
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    if not hasattr(base, "samples"):  # ImageNet .npz batches are checked as they are opened
+        return
+    paths = [base.samples[i][0] for i in ds.indices] if isinstance(ds, torch.utils.data.Subset) else [p for p, _ in base.samples]
+    for path in tqdm(paths, desc="checking images", disable=len(paths) < 10_000):
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as e:
+            fail(f"cannot read an image in --data: {path}: {type(e).__name__}: {e}".replace("\n", " "))
 
 
 # ------------------------------------------------------------------------------ model, schedules
@@ -542,7 +605,7 @@ def rgb_loss(vae, z0_hat, z0):
     return (decode_raw(vae, z0_hat).float() - x.float()).square().flatten(1).mean(1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None):
     """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow."""
     dev = y.device
@@ -588,8 +651,11 @@ CKPT_KEYS = ("args", "model_config", "step", "model", "ema", "opt", "classes", "
 
 
 def atomic_save(obj, path):
-    """Write to a temp file and rename: an interrupted save never corrupts the last checkpoint."""
-    tmp = path + ".tmp"
+    """Write to a temp file and rename: an interrupted save never corrupts the last checkpoint. The
+    temporary name is unique, so two processes writing the same file never write into one another."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -639,11 +705,17 @@ def make_run_dir(path):
 
 
 def truncate_log(path, step):
-    """Drop log rows past the checkpoint's step (written after it, before a kill), so a resume
-    does not log those steps twice."""
+    """Drop log rows past the checkpoint's step (written after it, before a kill), and a last row cut
+    short by a kill, so a resume neither logs those steps twice nor trips over half a line."""
     if not os.path.exists(path):
         return
-    rows = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+    rows = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a partial or foreign line
+            continue
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
@@ -670,8 +742,18 @@ def main(argv=None):
         args = argparse.Namespace(**saved)
         if args.steps <= resume["step"]:
             fail(f"{args.resume} is already at step {resume['step']}: give --steps above that to continue")
+        for k in ("data", "vae"):  # a resumed run trains on its own data through its own VAE, or not at all
+            if (saved[k] != "cifar10" if k == "data" else looks_like_path(saved[k])) and not os.path.exists(os.path.expanduser(saved[k])):
+                fail(f"{args.resume} was trained with --{k} {saved[k]!r}, which does not exist from {os.getcwd()}: "
+                     f"a run resumes only on its own data and VAE; put them back there"
+                     + ("" if os.path.isabs(saved[k]) else " (or resume from the folder the run was started in)"))
     elif args.init_from:  # model and paradigm come from the checkpoint
+        if os.path.isdir(args.init_from):  # a run directory: its checkpoint
+            args.init_from = os.path.join(args.init_from, "ckpt.pt")
         init = load_checkpoint(args.init_from)
+        for name in ("model", "ema"):
+            if not all(v.isfinite().all() for v in init[name].values() if v.is_floating_point()):
+                fail(f"{args.init_from} holds non-finite {name} weights: start from an earlier checkpoint")
         for k in ("model", "paradigm"):
             if k in explicit and getattr(args, k) != init["args"][k]:
                 fail(f"--{k} {getattr(args, k)} does not match {args.init_from}'s {init['args'][k]}; drop --{k}")
@@ -679,6 +761,10 @@ def main(argv=None):
         for k in ("data", "data_root", "images_per_class", "vae", "image_size"):  # unless given: post-training
             if k not in explicit:  # continues on the pre-training's data, through its VAE
                 setattr(args, k, init["args"][k])
+    if resume is None:  # local paths are stored absolute, so --resume from any folder finds the same files
+        for k in ("data", "vae", "data_root"):
+            if looks_like_path(getattr(args, k)) and os.path.exists(os.path.expanduser(getattr(args, k))):
+                setattr(args, k, os.path.abspath(os.path.expanduser(getattr(args, k))))
     device = init_distributed(pick_device(args.device))
 
     # Everything that can be checked is checked before the encoding and the training.
@@ -722,6 +808,12 @@ def main(argv=None):
         if RANK == 0:
             lock = lock_run_dir(run_dir)
         cache = cache_path(args, vae, files)
+        trained_on = (resume or {}).get("args", {}).get("latent_cache")
+        if trained_on and os.path.basename(trained_on) != os.path.basename(cache):
+            fail(f"the data or VAE at --data {args.data} / --vae {args.vae} are not those {args.resume} was trained on "
+                 f"(files, sizes or dates changed: their latents would be {os.path.basename(cache)}, the run's are "
+                 f"{os.path.basename(trained_on)}); a run resumes only on its own data")
+        args.latent_cache = cache  # saved with the run's arguments: what it was trained on
         if not os.access(os.path.dirname(cache), os.W_OK):  # the run directory's parent
             fail(f"cannot write the latent cache into {os.path.dirname(cache)}; pick a --run-dir in a writable folder")
         train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init)
@@ -746,7 +838,7 @@ def main(argv=None):
 def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init):
     if RANK != 0:
         barrier()  # rank 0 encodes (or checks) the cache first; the others then read it
-    data = encode_dataset(args, vae, device, ds, classes, cache)
+    data = encode_dataset(args, vae, device, ds, classes, cache, latent_shape)
     if RANK == 0:
         barrier()
     z_all, y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
