@@ -215,12 +215,15 @@ def _odd(k, up):
 # the positions ρ keeps), applied to both ϕ and ϕ̂: with separate statistics a correct prediction can
 # still receive gradients. With shared statistics the mean cancels in ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only
 # σ̂ is needed. The squared error is averaged over the kept positions.
-# σ̂ is a function of ϕ̂, so as written the gradient also flows through it, and the loss can fall by
-# widening ϕ̂'s spread as well as by moving ϕ̂ towards ϕ. The paper does not say whether σ̂ is a
-# constant; the authors' code normalises by the target's norm, which carries no gradient.
-# detach_sigma=True makes σ̂ a constant, for that ablation.
+# σ̂ is a function of ϕ̂; the paper does not say whether the gradient flows through it. If it does,
+# the loss can also fall by widening ϕ̂, and its optimum is biased: with ϕ = s + u, where u is what
+# the model cannot predict (variance N) and ϕ̂ = a·s (s of variance S), E[loss] ∝ ((1 − a)² S + N) /
+# (a² S) is smallest at a = 1 + N/S, inflated features wherever ẑ0 is uncertain. With σ̂ held
+# constant the gradient vanishes at a = 1, the conditional mean, as for ℓ2 (test_lpl.py checks
+# both). The authors' code normalises by the target's norm, which carries no gradient either. So σ̂
+# is a constant by default (detach_sigma=True); detach_sigma=False differentiates it as written.
 # ----------------------------------------------------------------------------------------------
-def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=False, eps=1e-6):
+def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=True, eps=1e-6):
     """Per-channel Eq. 3 term ‖ρ ⊙ (ϕ' − ϕ̂')‖² / |ρ| for ϕ, ϕ̂ (B, C, H, W), rho bool -> (B, C)."""
     phi, phi_hat = phi.float().flatten(2), phi_hat.float().flatten(2)  # (B, C, N): fp32 under autocast
     rho = rho.flatten(2).float()  # (B, C, N): 1 = kept, 0 = outlier
@@ -342,7 +345,8 @@ class LatentPerceptualLoss(nn.Module):
                      taps and decode given (bring your own decoder).
     num_blocks:      decoder blocks tapped, first block first (Fig. 7); None = all (5 for SD VAEs).
     normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3).
-    detach_sigma:    treat the shared σ̂ as a constant (no gradient through the statistics).
+    detach_sigma:    treat the shared σ̂ as a constant (default; see layer_distance) or, False,
+                     let the gradient flow through it.
     layer_weights:   "pow2" (ω_l = 2^(−r_l), the paper's) | "uniform" (Section 4.3).
     outliers:        mask outliers with Algorithm 1 (the paper's default) or not.
     kernel_ref_size: map width at which Algorithm 1's kernels (5, 3) apply as they are; narrower
@@ -362,7 +366,7 @@ class LatentPerceptualLoss(nn.Module):
     lpl.train() leaves the frozen VAE in eval; moving it to a device is the caller's job.
     """
 
-    def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=False, layer_weights="pow2",
+    def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=True, layer_weights="pow2",
                  outliers=True, kernel_ref_size=512, grad_checkpointing=False, taps=None, decode=None,
                  latent_channels=None):
         super().__init__()

@@ -832,6 +832,27 @@ def test_readme_recipes_run_and_equal_the_host_s_own_x0():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow_model.parameters())
 
 
+def test_readme_paper_to_code_map_points_at_the_code():
+    """Each `name`, lines a–b of the README's equation map holds the whole definition of `name`."""
+    import ast
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = open(os.path.join(here, "README.md")).read()
+    table = text.split("## The paper, equation by equation")[1].split("\n## ")[0]
+    spans = {}
+    for node in ast.walk(ast.parse(open(os.path.join(here, "lpl.py")).read())):
+        if isinstance(node, ast.ClassDef):
+            spans.update({f"{node.name}.{f.name}": (f.lineno, f.end_lineno) for f in node.body if isinstance(f, ast.FunctionDef)})
+        elif isinstance(node, ast.FunctionDef):
+            spans.setdefault(node.name, (node.lineno, node.end_lineno))
+    refs = re.findall(r"((?:`\w[\w.]*`(?: / |, )?)+), lines (\d+)–(\d+)", table)
+    assert len(refs) >= 9
+    for names, a, b in refs:
+        for name in re.findall(r"`([\w.]+)`", names):
+            lo, hi = spans[name]
+            assert int(a) <= lo and hi <= int(b), (name, (lo, hi), (a, b))
+
+
 def test_decoders_that_cannot_decode_an_image_latent_are_one_clear_error():
     """A 1-D (audio) decoder, or a decoder given the wrong latent_channels, fails in the loss's own
     dry run with a ValueError that says so, not with a raw convolution error later."""

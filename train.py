@@ -115,7 +115,9 @@ def build_parser():
       "default: all")
     a("--lpl-normalization", default="shared", choices=["shared", "separate"],
       help="standardise both feature maps with the prediction's statistics, or each with its own (Sec. 4.3)")
-    a("--lpl-detach-sigma", action="store_true", help="no gradient through the prediction's std σ̂")
+    a("--lpl-detach-sigma", action=argparse.BooleanOptionalAction, default=True, help="treat the prediction's std "
+      "σ̂ as a constant (no gradient through it; the loss's optimum is then unbiased, see lpl.layer_distance); "
+      "--no-lpl-detach-sigma differentiates it")
     a("--lpl-layer-weights", default="pow2", choices=["pow2", "uniform"],
       help="ω_l = 2^-r_l (the paper's) or 1 (Sec. 4.3)")
     a("--lpl-no-outliers", action="store_true", help="turn off Algorithm 1's outlier mask")
