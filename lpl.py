@@ -10,6 +10,8 @@ Read this file beside Section 3 of the paper; it follows the section top to bott
     ϕ', ϕ̂': shared normalization; ω_l = 2^(-r_l)       Section 3.2            layer_distance, depth_weights
     L_LPL = δ Σ_l ω_l/C_l Σ_c ‖ρ ⊙ (ϕ' − ϕ̂')‖²         Eq. 3                  LatentPerceptualLoss.forward
     L_tot = L_Diff + w_LPL · L_LPL                     Section 3.2            (the trainer)
+    E_batch[δ · L_LPL] from a host's diffusion step    Eq. 3                  LatentPerceptualLoss.batch_loss
+    α_t, σ_t from a host's schedule                    (after the paper)      alpha_sigma_from_*
 
 It imports only torch and can be copied alone: the autoencoder is passed in, a diffusers one
 (AutoencoderKL of any SD/SDXL/SD3/FLUX.1 config, AsymmetricAutoencoderKL, FLUX.2, Qwen-Image, Wan,
@@ -103,32 +105,6 @@ def lpl_mask(alpha_t, sigma_t, tau, resolution_scale=1.0):
     if (alpha_t < 0).any() or (sigma_t < 0).any():
         raise ValueError("α_t and σ_t must be >= 0 (z_t = α_t z0 + σ_t ε)")
     return sigma_t <= tau.to(alpha_t.device) * resolution_scale * alpha_t  # σ/α ≤ τ, no division by α = 0
-
-
-# ----------------------------------------------------------------------------------------------
-# α_t and σ_t in a host trainer's own terms. DDPM codebases keep ᾱ_t (diffusers' and OpenAI's
-# `alphas_cumprod`); the paper's α_t, σ_t are its square roots. Flow codebases differ in where the
-# data sits:
-#   t = 0 is data (minRF, SD3, diffusers' FlowMatchEulerDiscreteScheduler): z_t = (1 − t) z0 + t ε,
-#       the model predicts D = ε − z0: α_t = 1 − t, σ_t = t, pass D as it is ("flow").
-#   t = 1 is data (SiT, torchcfm, flow_matching): x_t = t x1 + (1 − t) x0 with x0 the noise, the model
-#       predicts u = x1 − x0 = −D: α_t = t, σ_t = 1 − t, pass −u.
-# ----------------------------------------------------------------------------------------------
-def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
-    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) for integer timesteps t (B,); alphas_cumprod: a torch tensor or
-    numpy array of ᾱ (diffusers' scheduler.alphas_cumprod, OpenAI's diffusion.alphas_cumprod), read on
-    t's device in float32."""
-    abar = torch.as_tensor(alphas_cumprod).to(device=t.device, dtype=torch.float32)[t]  # (B,)
-    return abar.sqrt(), (1 - abar).sqrt()
-
-
-def alpha_sigma_from_flow_time(t, data_at=0):
-    """(α_t, σ_t) for a flow time t (B,) in [0, 1]; data_at: 0 if t = 0 is data (then D = ε − z0),
-    1 if t = 1 is data (SiT, torchcfm: pass D = −u, the negated velocity)."""
-    if data_at not in (0, 1):
-        raise ValueError(f"data_at must be 0 or 1 (the flow time at which z_t is the data), got {data_at}")
-    t = _schedule_value(t)
-    return (1 - t, t) if data_at == 0 else (t, 1 - t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,3 +469,29 @@ class LatentPerceptualLoss(nn.Module):
         if not self.outliers:
             return torch.ones_like(f, dtype=torch.bool)
         return detect_outliers(f, down_f=self.kernel_ref_size / f.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# α_t and σ_t in a host trainer's own terms. DDPM codebases keep ᾱ_t (diffusers' and OpenAI's
+# `alphas_cumprod`); the paper's α_t, σ_t are its square roots. Flow codebases differ in where the
+# data sits:
+#   t = 0 is data (minRF, SD3, diffusers' FlowMatchEulerDiscreteScheduler): z_t = (1 − t) z0 + t ε,
+#       the model predicts D = ε − z0: α_t = 1 − t, σ_t = t, pass D as it is ("flow").
+#   t = 1 is data (SiT, torchcfm, flow_matching): x_t = t x1 + (1 − t) x0 with x0 the noise, the model
+#       predicts u = x1 − x0 = −D: α_t = t, σ_t = 1 − t, pass −u.
+# ----------------------------------------------------------------------------------------------
+def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
+    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) for integer timesteps t (B,); alphas_cumprod: a torch tensor or
+    numpy array of ᾱ (diffusers' scheduler.alphas_cumprod, OpenAI's diffusion.alphas_cumprod), read on
+    t's device in float32."""
+    abar = torch.as_tensor(alphas_cumprod).to(device=t.device, dtype=torch.float32)[t]  # (B,)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def alpha_sigma_from_flow_time(t, data_at=0):
+    """(α_t, σ_t) for a flow time t (B,) in [0, 1]; data_at: 0 if t = 0 is data (then D = ε − z0),
+    1 if t = 1 is data (SiT, torchcfm: pass D = −u, the negated velocity)."""
+    if data_at not in (0, 1):
+        raise ValueError(f"data_at must be 0 or 1 (the flow time at which z_t is the data), got {data_at}")
+    t = _schedule_value(t)
+    return (1 - t, t) if data_at == 0 else (t, 1 - t)

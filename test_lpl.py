@@ -1803,21 +1803,26 @@ def test_resume_from_another_folder_trains_on_its_own_data_or_refuses(assets, tm
     shutil.copytree(assets / "vae", start / "vae")
     write_pngs(elsewhere / "data", classes=("x", "y", "z"), seed=7)  # other images under the same relative name
     monkeypatch.chdir(start)
-    train.main(["--data", "data", "--vae", "vae", "--image-size", "16", "--model", "DiT-T/2", "--batch-size", "8",
-                "--run-dir", "runs/r", "--steps", "1", "--sample-every", "1000"])
+    common = ["--data", "data", "--vae", "vae", "--image-size", "16", "--model", "DiT-T/2", "--batch-size", "8",
+              "--sample-every", "1000", "--log-every", "1", "--loss", "lpl", "--lpl-tau", "20"]
+    train.main([*common, "--run-dir", "runs/full", "--steps", "3"])  # uninterrupted, for comparison
+    train.main([*common, "--run-dir", "runs/r", "--steps", "1"])
     saved = load(start / "runs" / "r" / "ckpt.pt")["args"]
     assert saved["data"] == str(start / "data") and saved["vae"] == str(start / "vae")
     monkeypatch.chdir(elsewhere)
-    train.main(["--resume", str(start / "runs" / "r"), "--steps", "2"])
+    train.main(["--resume", str(start / "runs" / "r"), "--steps", "3"])
     assert len(list((start / "runs").glob("latents-*.pt"))) == 1  # the run's own latents, not new ones
     assert not list(elsewhere.rglob("*.pt"))  # nothing written where it was resumed from
-    assert load(start / "runs" / "r" / "ckpt.pt")["step"] == 2
+    assert read_log(start / "runs" / "r") == [{**row, "s_per_step": r["s_per_step"]} for row, r in
+                                              zip(read_log(start / "runs" / "full"), read_log(start / "runs" / "r"))]
+    resumed, full = load(start / "runs" / "r" / "ckpt.pt"), load(start / "runs" / "full" / "ckpt.pt")
+    assert resumed["step"] == 3 and all(torch.equal(resumed["model"][k], full["model"][k]) for k in full["model"])
     os.utime(start / "data" / "cat" / "0.png", (0, 0))  # the data changed since
-    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "3"])
+    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "4"])
     assert "are not those" in msg and "resumes only on its own data" in msg
     shutil.rmtree(start / "vae")
-    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "3"])
-    assert "does not exist" in msg and "--vae" in msg and load(start / "runs" / "r" / "ckpt.pt")["step"] == 2
+    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "4"])
+    assert "does not exist" in msg and "--vae" in msg and load(start / "runs" / "r" / "ckpt.pt")["step"] == 3
 
 
 def test_first_runs_side_by_side_share_one_encoding(assets, tmp_path):
