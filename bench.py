@@ -33,9 +33,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cli import HelpFormatter, Parser, fail
+from data import latent_geometry, load_vae
 from lpl import LatentPerceptualLoss, layer_distance, lpl_mask, z0_from_prediction
-from train import (MODELS, HelpFormatter, Parser, build_model, ddpm_scheduler, fail, latent_geometry, load_vae,
-                   pick_device)
+from train import MODELS, build_model, ddpm_scheduler, pick_device
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -22,21 +22,18 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
-import argparse
 import glob
 import importlib.util
 import os
-import sys
 import warnings
 
 import numpy as np
 import torch
 
+from cli import fail
+from data import load_rgb
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def fail(msg):
-    sys.exit(f"error: {msg}")
 
 
 # ------------------------------------------------------------------------------ images
@@ -49,27 +46,6 @@ def image_files(folder):
     if not files:
         fail(f"{folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
-
-
-def load_rgb(path):
-    """An image file as the 8-bit RGB picture it shows. PIL's convert("RGB") alone clips 16-bit
-    grayscale (mode I;16 or I) to 255, a white image, and drops alpha, showing whatever colour lies
-    under transparent pixels; here 16-bit values are scaled to 8 bits and transparency is laid over
-    white, as a viewer shows it on a white page. Palette, grayscale and 16-bit RGB PNGs (which PIL
-    reads as 8-bit RGB) convert as they are."""
-    from PIL import Image
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale
-        a = np.asarray(img, dtype=np.float64)
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"a {img.mode} image with values outside 0..65535")
-        img = Image.fromarray(np.round(a / 257).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
 
 
 def read_images(files, batch_size=100):
@@ -322,7 +298,7 @@ def outlier_maps(vae, x, path, channels=4):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from lpl import LatentPerceptualLoss
-    from train import encode_latents
+    from data import encode_latents
     lpl = LatentPerceptualLoss(vae)
     with torch.no_grad():
         p = next(vae.parameters())
@@ -365,7 +341,7 @@ def sigma_bias(vae, z0, noise, detach_sigma, draws=16, steps=300, lr=0.02, seed=
     (scale, power): the regression slope of ẑ0 on z0 (1 = unbiased; > 1 = inflated) and the mean ratio
     of the decoded images' power spectra, decode(ẑ0) against decode(z0), over frequencies."""
     from lpl import LatentPerceptualLoss, layer_distance
-    from train import decode_raw
+    from data import decode_raw
     lpl = LatentPerceptualLoss(vae, detach_sigma=detach_sigma)
     g = torch.Generator().manual_seed(seed)
     targets = z0 + noise * torch.randn(draws, *z0.shape, generator=g)  # (K, B, C, h, w)
@@ -390,7 +366,7 @@ def sigma_bias(vae, z0, noise, detach_sigma, draws=16, steps=300, lr=0.02, seed=
 
 # ------------------------------------------------------------------------------ command line
 def main(argv=None):
-    from train import HelpFormatter, Parser
+    from cli import HelpFormatter, Parser
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="metric", required=True)
     f = sub.add_parser("fid", formatter_class=HelpFormatter, help="FID between two folders (or .npz statistics)")
@@ -441,7 +417,7 @@ def main(argv=None):
     cu.add_argument("--out", default="curves.png", help="the PNG to write")
     args = p.parse_args(argv)
     if args.metric == "outliers":
-        from train import load_vae, read_rgb, UnreadableImage
+        from data import UnreadableImage, load_vae, read_rgb
         path = args.image
         if os.path.isdir(path):
             files = image_files(path)
@@ -476,7 +452,7 @@ def main(argv=None):
         print(f"wrote {args.out}: mean |b - a| {d.mean():.2f}/255, max {d.max():.0f}/255")
         return
     if args.metric == "sigma-bias":
-        from train import encode_latents, load_vae
+        from data import encode_latents, load_vae
         for name in ("n", "draws", "steps"):
             if getattr(args, name) < 1:
                 fail(f"--{name} must be >= 1, got {getattr(args, name)}")

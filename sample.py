@@ -18,9 +18,9 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import metrics
-
-from train import (HelpFormatter, Parser, all_finite, build_model, decode, fail, generate, latent_geometry,
-                   load_checkpoint, load_vae, pick_device)
+from cli import HelpFormatter, Parser, fail
+from data import decode, latent_geometry, load_vae
+from train import all_finite, build_model, generate, load_checkpoint, pick_device
 
 
 def get_args(argv=None):

@@ -13,28 +13,26 @@ z_t = α_t z0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t). flow:
 t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t, σ_t = t.
 """
 import argparse
-import bisect
 import contextlib
 import copy
 import datetime
 import fcntl
 import functools
-import glob
-import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
-import zipfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lpl import SUPPORTED, LatentPerceptualLoss, decoder_taps, lpl_mask, z0_from_prediction
+from cli import RANK, WORLD, HelpFormatter, Parser, fail
+from comparisons import SelfPerceptual, min_snr_weights, rgb_loss
+from data import (atomic_save, cache_path, decode, encode_dataset, image_dataset, latent_geometry, load_vae,
+                  looks_like_path)
+from lpl import LatentPerceptualLoss, lpl_mask, z0_from_prediction
 
 # DiT sizes (Peebles & Xie, Table 1), plus two for CPUs: XS (6 layers, 256 wide, the CPU results'
 # model) and T (tests and the one-minute smoke run). Name = size / patch size.
@@ -54,21 +52,6 @@ LPL_SHARE = 1 / 5
 LOSSES = ("l2", "lpl", "rgb", "self-perceptual")
 # Flags that --resume accepts beside the run's own: they change neither the maths nor the data.
 RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every", "num_workers", "compile")
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        # argparse takes "-1" and "-.5" as numbers but "-1e-4" as an option name; these take all three
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-    def error(self, message):  # one line, not the whole usage block
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # options defaulting to None say in words what they default to
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser():
@@ -96,8 +79,9 @@ def build_parser():
       "given. Default: from scratch")
     a("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR exactly where it stopped, "
       f"writing into RUN_DIR (default: a new run); only {', '.join('--' + f.replace('_', '-') for f in RESUME_OVERRIDES)} may change")
-    a("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+n)/(10+n)) "
-      "over the run's steps n; the paper's baseline, it finds 0.99975 best with LPL")
+    a("--ema-decay", type=float, default=0.9999, help="EMA decay (the paper's baseline; it finds 0.99975 best with "
+      "LPL), warmed up as min(decay, (1+n)/(10+n)) over the run's steps n; an EMA averages ~1/(1-decay) steps, "
+      "so keep that short against a post-training run")
     a("--label-dropout", type=float, default=0.1, help="share of samples trained with the null class "
       "(classifier-free guidance; DiT's 0.1)")
     a("--loss", default="l2", choices=LOSSES, help="l2: the diffusion loss alone; lpl: plus w_LPL x the "
@@ -111,8 +95,8 @@ def build_parser():
       "default --lpl-weight (their own random draws: the run's batches are the same with any weight)")
     a("--lpl-tau", type=float, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
       "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1); also selects --loss rgb's samples")
-    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped, mid block first (Fig. 7); "
-      "default: all")
+    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped, the first N in decoding order "
+      "(Fig. 7); default: all")
     a("--lpl-normalization", default="shared", choices=["shared", "separate"],
       help="standardise both feature maps with the prediction's statistics, or each with its own (Sec. 4.3)")
     a("--lpl-detach-sigma", action=argparse.BooleanOptionalAction, default=True, help="treat the prediction's std "
@@ -182,26 +166,11 @@ def check_args(args):
          "--init-from CKPT: the pre-trained model is its frozen feature network (Lin & Yang)")
 
 
-def looks_like_path(name):
-    """A local path rather than 'cifar10' or a Hugging Face id (org/name, org/name/subfolder)."""
-    return name != "cifar10" and (name.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(name))
-                                  or name.count("/") == 0)
-
-
-def fail(msg):
-    """A one-line error for bad input: no traceback, nothing lost. Under torchrun every rank stops;
-    rank 0 says why (the ranks check the same things)."""
-    sys.exit(f"error: {msg}" if RANK == 0 else 1)
-
-
 # ------------------------------------------------------------------------------ torchrun (DDP)
-# torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `python train.py` is one rank. Every rank draws the
-# whole global batch (its indices, dropped labels, t and noise: one random stream, the same as a
-# single process) and trains on its own slice, so N ranks follow a one-rank run sample for sample
-# and --resume stays exact. DistributedDataParallel averages the gradients; rank 0 alone writes.
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
+# Every rank draws the whole global batch (its indices, dropped labels, t and noise: one random
+# stream, the same as a single process) and trains on its own slice, so N ranks follow a one-rank run
+# sample for sample and --resume stays exact. DistributedDataParallel averages the gradients; rank 0
+# alone writes.
 def init_distributed(device):
     """The process group (nccl on CUDA, gloo on CPU) and this rank's device."""
     if WORLD == 1:
@@ -246,239 +215,6 @@ def pick_device(name=None):
     if dev.type not in ("cpu", "cuda", "mps"):
         fail(f"--device {name}: train.py runs on cpu, cuda or mps")
     return dev
-
-
-# ------------------------------------------------------------------------------ data -> latents
-def load_vae(name, device):
-    """Any diffusers autoencoder lpl.py supports (README, "Supported autoencoders"): a folder written
-    by save_pretrained, a Hub id, or a Hub id and its subfolder (black-forest-labs/FLUX.2-dev/vae)."""
-    from diffusers import AutoModel
-    if not os.path.isdir(name) and (name.startswith(("/", ".", "~")) or os.path.exists(name)):
-        fail(f"--vae {name!r} is not a folder: give a folder written by save_pretrained or a Hugging Face id")
-    repo, sub = name, None
-    if not os.path.isdir(name) and name.count("/") >= 2:  # org/repo/subfolder: a pipeline's VAE
-        org, rest, sub = name.split("/", 2)
-        repo = f"{org}/{rest}"
-    try:  # low_cpu_mem_usage=False: the same load, without diffusers' warning that accelerate is missing
-        vae = AutoModel.from_pretrained(repo, subfolder=sub, low_cpu_mem_usage=False)
-    except Exception as e:
-        cause = " ".join(str(e).split())[:200]
-        if os.path.isdir(name):
-            fail(f"cannot load the VAE folder {name!r}: {type(e).__name__}: {cause}. Give a folder written by "
-                 f"save_pretrained (config.json and its weights)")
-        fail(f"cannot load the VAE {name!r} from the Hugging Face Hub: {type(e).__name__}: {cause}. Offline "
-             f"(or with HF_HUB_OFFLINE=1), give --vae a local folder written by save_pretrained")
-    try:
-        decoder_taps(vae)
-    except ValueError:
-        fail(f"--vae {name!r} is a {type(vae).__name__}; the trainer takes the autoencoders lpl.py "
-             f"supports: {SUPPORTED}")
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def latent_geometry(vae):
-    """(latent channels, downsampling factor) of a supported autoencoder, from decoding a 2x2 latent
-    (each family keeps these in differently named config fields)."""
-    _, decode, channels = decoder_taps(vae)
-    p = next(vae.parameters())
-    with torch.no_grad():
-        size = decode(torch.zeros(1, channels, 2, 2, device=p.device, dtype=p.dtype)).shape[-1]
-    return channels, size // 2
-
-
-def encode_latents(vae, x):
-    """Images (B, 3, H, W) in [-1, 1] -> the posterior mean in the diffusion model's scale: each
-    family's pipeline normalisation, the inverse of what lpl.decoder_taps' `decode` undoes."""
-    names, cfg = {c.__name__ for c in type(vae).__mro__}, vae.config
-    if "AutoencoderKLFlux2" in names:  # standardised by the BatchNorm statistics of each 2x2 patch position
-        z = vae.encode(x).latent_dist.mean  # (B, C, h, w)
-        p, q = cfg.patch_size
-        reps = (1, z.shape[-2] // p, z.shape[-1] // q)
-        mean = vae.bn.running_mean.view(-1, p, q).repeat(reps).to(z)  # (C, h, w)
-        std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt().repeat(reps).to(z)  # (C, h, w)
-        return (z - mean) / std
-    if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:  # an image is one frame; per-channel statistics
-        z = vae.encode(x.unsqueeze(2)).latent_dist.mean[:, :, 0]  # (B, C, h, w)
-        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        return (z - mean) / std
-    if "AutoencoderDC" in names:
-        return vae.encode(x).latent * cfg.scaling_factor
-    if "AutoencoderTiny" in names:
-        return (vae.encode(x).latents - (getattr(cfg, "shift_factor", 0.0) or 0.0)) * cfg.scaling_factor
-    if "VQModel" in names:  # the continuous latent, before the codebook (as lpl.py decodes it)
-        return vae.encode(x).latents * cfg.scaling_factor
-    shift = getattr(cfg, "shift_factor", None) or 0.0
-    return (vae.encode(x).latent_dist.mean - shift) * cfg.scaling_factor  # SD, SD3, FLUX.1, asymmetric SD
-
-
-class UnreadableImage(Exception):
-    pass
-
-
-def read_rgb(path):
-    """ImageFolder's loader, reading 16-bit and transparent images as what they show
-    (metrics.load_rgb), with the file named when it fails (truncated PNG, not an image)."""
-    from metrics import load_rgb
-    try:
-        return load_rgb(path)
-    except Exception as e:
-        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from None
-
-
-class NpzImages(torch.utils.data.Dataset):
-    """The official downsampled ImageNet 64x64: .npz batches with 'data' (N x 12288 uint8 rows) and
-    'labels' (1..1000). Labels and array headers are read up front, so a malformed file fails before
-    any work; pixels are read one file at a time (1.28M images are never all in memory)."""
-
-    def __init__(self, files, size):
-        self.files, self.size, self.cached = files, size, (None, None)
-        labels, self.starts = [], [0]
-        for f in files:
-            try:
-                with zipfile.ZipFile(f) as z, z.open("data.npy") as h:
-                    version = np.lib.format.read_magic(h)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                    shape, _, dtype = read(h)
-                with np.load(f) as part:
-                    y = part["labels"].astype(np.int64) - 1
-                if shape != (len(y), 3 * 64 * 64) or dtype != np.uint8 or y.min() < 0:
-                    raise ValueError(f"'data' {shape} {dtype}, {len(y)} labels from {y.min() + 1}")
-            except Exception as e:
-                fail(f"{f} is not an ImageNet 64x64 batch ('data': N x 12288 uint8, 'labels': 1..1000): "
-                     f"{type(e).__name__}: {e}".replace("\n", " "))
-            labels.append(torch.from_numpy(y))
-            self.starts.append(self.starts[-1] + len(y))
-        self.targets = torch.cat(labels)
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        k = bisect.bisect_right(self.starts, i) - 1  # the file holding image i
-        if self.cached[0] != k:
-            with np.load(self.files[k]) as part:
-                self.cached = (k, part["data"])
-        x = torch.from_numpy(self.cached[1][i - self.starts[k]]).view(1, 3, 64, 64).float() / 127.5 - 1
-        return F.interpolate(x, size=self.size, mode="area")[0], int(self.targets[i])  # (3, size, size)
-
-
-def image_dataset(args):
-    """The images in [-1, 1] with integer labels, and the files they come from (the cache key)."""
-    ds, classes, files = _image_dataset(args)
-    if args.images_per_class:  # the first N of each class, in the dataset's own order
-        seen, idx = {}, []
-        for i, y in enumerate(torch.as_tensor(ds.targets).tolist()):
-            seen[y] = seen.get(y, 0) + 1
-            if seen[y] <= args.images_per_class:
-                idx.append(i)
-        ds = torch.utils.data.Subset(ds, idx)
-    return ds, classes, files
-
-
-def _image_dataset(args):
-    import torchvision.datasets as D
-    import torchvision.transforms as T
-    tf = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor(),
-                    T.Normalize(0.5, 0.5)])  # VAEs take images in [-1, 1]
-    if args.data == "cifar10":
-        try:
-            ds = D.CIFAR10(args.data_root, train=True, download=True, transform=tf)
-        except Exception as e:
-            fail(f"cannot download CIFAR-10 into {args.data_root!r} ({type(e).__name__}); offline, pass "
-                 f"--data PATH to an image folder with one subfolder per class")
-        return ds, ds.classes, sorted(glob.glob(os.path.join(args.data_root, "cifar-10-batches-py", "*")))
-    if not os.path.isdir(args.data):
-        fail(f"--data {args.data!r} is neither 'cifar10' nor an existing folder")
-    npz = sorted(glob.glob(os.path.join(args.data, "*.npz")))
-    if npz:  # official downsampled ImageNet
-        ds = NpzImages(npz, args.image_size)
-        return ds, [str(i) for i in range(int(ds.targets.max()) + 1)], npz
-    try:
-        ds = D.ImageFolder(args.data, transform=tf, loader=read_rgb)
-    except (FileNotFoundError, RuntimeError) as e:
-        fail(f"--data {args.data!r} has no images in class subfolders ({e})".replace("\n", " "))
-    return ds, ds.classes, [p for p, _ in ds.samples]
-
-
-def cache_path(args, vae, files):
-    """The latent cache, keyed by what the latents depend on: the data files (names, sizes,
-    modification times), the image size and the VAE (config, and its weight files if local)."""
-    def stat(f):
-        s = os.stat(f)
-        return [os.path.abspath(f), s.st_size, s.st_mtime_ns]
-    vae_files = sorted(glob.glob(os.path.join(args.vae, "*"))) if os.path.isdir(args.vae) else []
-    key = json.dumps([[stat(f) for f in files], args.images_per_class, args.image_size, args.vae, [stat(f) for f in vae_files],
-                      vae.config], sort_keys=True, default=str)
-    return os.path.join(os.path.dirname(os.path.abspath(args.run_dir)),
-                        f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
-
-
-def encode_dataset(args, vae, device, ds, classes, cache, latent_shape):
-    """Latents in the diffusion model's scale (encode_latents) of each image and its mirror, cached.
-    Runs that share a parent folder share the cache; a lock makes a second run wait for the first
-    one's encoding instead of encoding (and writing) the same file at the same time."""
-    with open(cache + ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            tqdm.write(f"waiting for another run that is encoding the same data into {cache}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(cache):
-            try:
-                data = torch.load(cache)
-                problem = cache_problem(data, len(ds), classes, latent_shape)
-            except Exception as e:  # truncated by a kill, or not ours
-                problem = f"unreadable ({type(e).__name__})"
-            if problem is None:
-                return data
-            tqdm.write(f"the latent cache {cache} is {problem}; encoding the data again")
-        check_images(ds)  # every file readable, before the minutes of encoding
-        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.num_workers)
-        zs, ys = [], []
-        try:
-            with torch.no_grad():
-                for x, y in tqdm(loader, desc="encoding dataset (once)"):
-                    x = x.to(device)
-                    for view in (x, x.flip(-1)):  # both horizontal flips
-                        zs.append(encode_latents(vae, view).half().cpu())
-                        ys.append(y)
-        except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
-            fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
-        data = dict(z=torch.cat(zs), y=torch.cat(ys), classes=classes)
-        atomic_save(data, cache)
-        return data
-
-
-def cache_problem(data, n_images, classes, latent_shape):
-    """What is wrong with a loaded latent cache, or None: it must hold both flips of every image,
-    latents of the VAE's shape and labels of the data's classes."""
-    if not isinstance(data, dict) or not {"z", "y", "classes"} <= set(data):
-        return "not a latent cache"
-    z, y = data["z"], data["y"]
-    if tuple(z.shape) != (2 * n_images, *latent_shape) or tuple(y.shape) != (2 * n_images,):
-        return f"of latents {tuple(z.shape)}, not the {2 * n_images} x {latent_shape} of this data and VAE"
-    if data["classes"] != list(classes) or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes)):
-        return "labelled with other classes"
-    if not z.isfinite().all():
-        return "not finite"
-    return None
-
-
-def check_images(ds):
-    """Every image of an image folder opens and passes PIL's check (0.3 ms per small PNG), so that a
-    bad file stops the run before the encoding, not in the middle of it."""
-    from PIL import Image
-    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    if not hasattr(base, "samples"):  # ImageNet .npz batches are checked as they are opened
-        return
-    paths = [base.samples[i][0] for i in ds.indices] if isinstance(ds, torch.utils.data.Subset) else [p for p, _ in base.samples]
-    for path in tqdm(paths, desc="checking images", disable=len(paths) < 10_000):
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as e:
-            fail(f"cannot read an image in --data: {path}: {type(e).__name__}: {e}".replace("\n", " "))
 
 
 # ------------------------------------------------------------------------------ model, schedules
@@ -527,86 +263,6 @@ def sample_t(paradigm, n, device, scheduler=None):
     return abar.sqrt(), (1 - abar).sqrt(), t
 
 
-# ------------------------------------------------------------------------------ the paper's comparisons
-def min_snr_weights(alpha, sigma, paradigm, gamma=5.0):
-    """Min-SNR-γ (Hang et al.): each sample's x0-space loss weighted by min(SNR, γ), SNR = α²/σ²,
-    written for the target the model regresses. Its MSE is the x0 error times SNR (ε), SNR + 1 (v,
-    variance preserving) or (√SNR + 1)² (flow, ε − z0: Hang et al. give no flow form; this is the
-    same x0-space weight), so the weights are min(SNR, γ) divided by that. (B,) in, (B,) out."""
-    snr = alpha.double().square() / sigma.double().square()  # (B,); inf where σ = 0
-    scale = {"eps": snr, "v": snr + 1, "flow": (snr.sqrt() + 1).square()}[paradigm]
-    return torch.where(snr > 0, snr.clamp(max=gamma) / scale, 0.0).float()  # α = 0: no x0 information
-
-
-def eps_from_prediction(pred, z_t, alpha_t, sigma_t, paradigm):
-    """ε̂ from the model output (Lin & Yang's Eq. 9, for each paradigm); z_t = α z0 + σ ε."""
-    a, s = alpha_t.view(-1, 1, 1, 1), sigma_t.view(-1, 1, 1, 1)
-    if paradigm == "eps":
-        return pred
-    if paradigm == "v":  # α v + σ z_t = (α² + σ²) ε
-        return (a * pred + s * z_t) / (a * a + s * s)
-    return z_t + a * pred  # flow: v = ε − z0 and z_t = (1 − t) z0 + t ε give ε = z_t + (1 − t) v
-
-
-class SelfPerceptual:
-    """Lin & Yang's Self-Perceptual objective (their Eq. 10–12, Algorithm 1) for a DiT: a frozen copy
-    of the pre-trained denoiser is the feature network; both x0 (with ε) and x̂0 (with ε̂) are
-    noised again at a fresh t' ~ U, and the MSE is taken on the output of one transformer block
-    (theirs: the UNet's mid block; here the middle block by default, the paper's Table 5 varies it)."""
-
-    def __init__(self, model, layer, paradigm, scheduler):
-        self.net = copy.deepcopy(model).eval().requires_grad_(False)
-        self.block = self.net.transformer_blocks[layer - 1]
-        self.paradigm, self.scheduler = paradigm, scheduler
-
-    def features(self, z, t_model, y):
-        out = []
-
-        def grab(module, args, output):
-            out.append(output)
-            raise _StopForward  # later blocks are not needed
-
-        hook = self.block.register_forward_hook(grab)
-        try:
-            self.net(z, timestep=t_model, class_labels=y)
-        except _StopForward:
-            pass
-        finally:
-            hook.remove()
-        return out[0]  # (B, tokens, width)
-
-    def draw(self, n, device):
-        """t' for n samples: (α', σ', the time the model sees)."""
-        if self.paradigm == "flow":  # t' ~ U(0, 1)
-            t2 = torch.rand(n, device=device)
-            return 1 - t2, t2, t2 * 1000
-        t2 = torch.randint(0, 1000, (n,), device=device)  # t' ~ U{0, ..., 999}
-        abar = self.scheduler.alphas_cumprod.to(device)[t2]
-        return abar.sqrt(), (1 - abar).sqrt(), t2
-
-    def __call__(self, out, z_t, z0, eps, alpha, sigma, y, t2=None):
-        """(B,) per-sample loss; gradients reach `out` only. t2: draw()'s t', or drawn here."""
-        z0_hat = z0_from_prediction(out, z_t, alpha, sigma, self.paradigm)  # Eq. 8
-        eps_hat = eps_from_prediction(out, z_t, alpha, sigma, self.paradigm)  # Eq. 9
-        a2, s2, t2_model = t2 or self.draw(len(z0), z0.device)
-        a2, s2 = a2.view(-1, 1, 1, 1), s2.view(-1, 1, 1, 1)
-        with torch.no_grad():
-            f = self.features(a2 * z0 + s2 * eps, t2_model, y)  # Eq. 10
-        f_hat = self.features(a2 * z0_hat + s2 * eps_hat, t2_model, y)  # Eq. 11
-        return (f_hat.float() - f.float()).square().flatten(1).mean(1)  # Eq. 12
-
-
-class _StopForward(Exception):
-    pass
-
-
-def rgb_loss(vae, z0_hat, z0):
-    """The paper's Fig. 7 ablation: the pixel MSE between the fully decoded ẑ0 and z0. (B,)."""
-    with torch.no_grad():
-        x = decode_raw(vae, z0)
-    return (decode_raw(vae, z0_hat).float() - x.float()).square().flatten(1).mean(1)
-
-
 @torch.inference_mode()
 def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None):
     """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow."""
@@ -631,39 +287,8 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
     return z
 
 
-@functools.lru_cache(maxsize=None)
-def vae_decode(vae):
-    """lpl.decoder_taps' decode (the family's de-normalisation, the one the loss decodes through),
-    built once per autoencoder rather than on every call of the RGB loss or the sampler."""
-    return decoder_taps(vae)[1]
-
-
-def decode_raw(vae, z):
-    """Diffusion-scale latents -> the decoder's output, in [-1, 1] up to overshoot."""
-    return vae_decode(vae)(z.to(next(vae.parameters()).dtype))
-
-
-def decode(vae, z):
-    """Diffusion-scale latents -> images in [0, 1]."""
-    return (decode_raw(vae, z).float() / 2 + 0.5).clamp(0, 1)
-
-
 # ------------------------------------------------------------------------------ checkpoints
 CKPT_KEYS = ("args", "model_config", "step", "model", "ema", "opt", "classes", "latent_shape", "rng")
-
-
-def atomic_save(obj, path):
-    """Write to a temp file and rename: an interrupted save never corrupts the last checkpoint. The
-    temporary name is unique, so two processes writing the same file never write into one another."""
-    import tempfile
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path):
@@ -763,6 +388,12 @@ def main(argv=None):
         for k in ("data", "data_root", "images_per_class", "vae", "image_size"):  # unless given: post-training
             if k not in explicit:  # continues on the pre-training's data, through its VAE
                 setattr(args, k, init["args"][k])
+        own = [f"--{k.replace('_', '-')} {getattr(args, k)}" + ("" if k in explicit else " (default)")
+               for k in ("batch_size", "lr", "ema_decay") if getattr(args, k) != init["args"][k]]
+        if own and RANK == 0:  # the optimisation settings are the new run's own: say where they differ
+            print(f"from {args.init_from} (step {init['step']}): its model, paradigm, data and VAE; this run's "
+                  + ", ".join(own) + " (the pre-training used " + ", ".join(
+                      f"{init['args'][k]}" for k in ("batch_size", "lr", "ema_decay") if getattr(args, k) != init["args"][k]) + ")")
     if resume is None:  # local paths are stored absolute, so --resume from any folder finds the same files
         for k in ("data", "vae", "data_root"):
             if looks_like_path(getattr(args, k)) and os.path.exists(os.path.expanduser(getattr(args, k))):
@@ -789,7 +420,7 @@ def main(argv=None):
                                        outliers=not args.lpl_no_outliers,
                                        grad_checkpointing=args.lpl_grad_checkpointing)
         except ValueError as e:
-            fail(f"--lpl-blocks: {e}")
+            fail(f"--lpl-blocks: {e}" if "num_blocks" in str(e) else f"the LPL loss cannot use --vae {args.vae}: {e}")
     if args.loss == "self-perceptual":  # the frozen network is the --init-from model
         depth = (init or resume)["model_config"]["num_layers"]
         args.sp_layer = args.sp_layer or (depth + 1) // 2
@@ -978,60 +609,75 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
     log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=RANK != 0)
     acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
-    model.train()
-    while step < args.steps:
-        loss_diff, loss_aux, m = losses(*draw(step))
-        loss = loss_aux if sp is not None else loss_diff + aux_weight * loss_aux  # loss_aux = 0 for l2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    aux_name = {"lpl": "loss_lpl", "rgb": "loss_rgb", "self-perceptual": "loss_sp"}.get(args.loss)  # None: l2
+
+    def measure(loss_diff, loss_aux, m):
+        """The global batch's L_Diff, added term, share under τ and gradient norm, in one sync; a
+        non-finite value stops the run before the update, keeping the last checkpoint."""
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         frac = m.float().mean() if m is not None else torch.zeros((), device=device)
-        stats = mean_over_ranks(torch.stack([loss_diff, loss_aux, frac, gnorm]).detach())  # the global batch's
-        l_diff, l_aux, frac, gnorm = stats.tolist()  # one sync
-        if not math.isfinite(l_diff + l_aux + gnorm):
+        stats = mean_over_ranks(torch.stack([loss_diff, loss_aux, frac, gnorm]).detach()).tolist()
+        if not math.isfinite(sum(stats)):
             fail(f"the loss or its gradient is not finite at step {step + 1}; stopped before the update, " + (
                 f"the checkpoint of step {last_ckpt} in {args.run_dir} is kept" if last_ckpt else
                 "no checkpoint was written") + " (try a lower --lr or --lpl-weight)")
-        opt.step()
-        # EMA warm-up (as diffusers' EMAModel): the run's first steps do not anchor the average to its
-        # starting point. For a post-training run that is the pre-trained model, which a plain 0.9999
-        # EMA would still hold at 0.9999^20000 = 13.5% after 20k steps, diluting the comparison.
+        return stats
+
+    def update_ema(step):
+        """EMA with diffusers' warm-up, min(decay, (1+n)/(10+n)): the run's first steps do not anchor the
+        average to its starting point. For a post-training run that is the pre-trained model, which a
+        plain 0.9999 EMA would still hold at 0.9999^20000 = 13.5% after 20k steps."""
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
+        return decay
+
+    def write_log(step, decay, dt):
+        k = acc["n"]
+        row = {"step": step, "loss_diff": acc["diff"] / k}
+        if aux_name:  # the added term under its own name (for self-perceptual, the one optimised)
+            row[aux_name] = acc["aux"] / k
+        if aux_weight:  # w·L / L_tot: the paper's rule puts LPL's at 1/5
+            w_aux = aux_weight * acc["aux"] / k
+            row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (acc["diff"] / k + w_aux),
+                        "lpl_frac": acc["frac"] / k, "lpl_weight" if lpl is not None else "rgb_weight": aux_weight})
+        row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
+        log.write(json.dumps(row) + "\n"), log.flush()
+
+    def save_grid(step):
+        from torchvision.utils import save_image
+        grid = os.path.join(args.run_dir, f"samples-{step:07d}.png")
+        tqdm.write(f"sampling a grid of the EMA model (50 steps) to {grid}")
+        y_s = torch.arange(num_classes, device=device).repeat_interleave(8)[:80]
+        zs = generate(ema.eval(), args.paradigm, y_s, num_classes, latent_shape,
+                      generator=torch.Generator().manual_seed(args.seed))
+        save_image(decode(vae, zs), grid, nrow=8)
+
+    model.train()
+    while step < args.steps:  # one step: L_tot = L_Diff + w·L_LPL (Section 3.2), or a comparison's loss
+        loss_diff, loss_aux, m = losses(*draw(step))
+        loss = loss_aux if sp is not None else loss_diff + aux_weight * loss_aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        l_diff, l_aux, frac, gnorm = measure(loss_diff, loss_aux, m)
+        opt.step()
+        decay = update_ema(step)
         step += 1
         for k, v in (("diff", l_diff), ("aux", l_aux), ("frac", frac), ("gnorm", gnorm), ("n", 1)):
             acc[k] += v
         bar.update(1)
-        bar.set_postfix(loss=f"{l_diff:.4f}", aux=f"{l_aux:.4f}")
+        bar.set_postfix(L_diff=f"{l_diff:.4f}", **({aux_name.replace("loss_", "L_"): f"{l_aux:.4f}"} if aux_name else {}))
         if step % args.log_every == 0 or step == args.steps:
-            dt, k = time.time() - t0, acc["n"]
-            # the added term under its own name; for self-perceptual, loss_diff is logged for
-            # comparison only (the run optimises loss_sp)
-            aux_name = {"rgb": "loss_rgb", "self-perceptual": "loss_sp"}.get(args.loss, "loss_lpl")
-            row = {"step": step, "loss_diff": acc["diff"] / k, aux_name: acc["aux"] / k}
-            if aux_weight:  # w·L / L_total: the paper's rule puts LPL's near 1/5 for its w = 3
-                w_aux = aux_weight * acc["aux"] / k
-                row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (acc["diff"] / k + w_aux),
-                            "lpl_frac": acc["frac"] / k, "lpl_weight" if lpl is not None else "rgb_weight": aux_weight})
-            row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
             if log is not None:
-                log.write(json.dumps(row) + "\n"), log.flush()
+                write_log(step, decay, time.time() - t0)
             acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             if step == args.steps and RANK == 0:
                 tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
             save()
         if (step % args.sample_every == 0 or step == args.steps) and RANK == 0:
-            from torchvision.utils import save_image
-            grid = os.path.join(args.run_dir, f"samples-{step:07d}.png")
-            tqdm.write(f"sampling a grid of the EMA model (50 steps) to {grid}")
-            ema.eval()
-            y_s = torch.arange(num_classes, device=device).repeat_interleave(8)[:80]
-            zs = generate(ema, args.paradigm, y_s, num_classes, latent_shape,
-                          generator=torch.Generator().manual_seed(args.seed))
-            save_image(decode(vae, zs), grid, nrow=8)
+            save_grid(step)
     bar.close()
     if log is not None:
         log.close()

@@ -22,7 +22,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from train import HelpFormatter, Parser, atomic_save, fail, pick_device, read_rgb
+from cli import HelpFormatter, Parser, fail
+from data import atomic_save, read_rgb
+from train import pick_device
 
 
 def get_args(argv=None):
