@@ -269,7 +269,7 @@ def check_images(ds):
     if not hasattr(base, "samples"):  # ImageNet .npz batches are checked as they are opened
         return
     paths = [base.samples[i][0] for i in ds.indices] if isinstance(ds, torch.utils.data.Subset) else [p for p, _ in base.samples]
-    for path in tqdm(paths, desc="checking images", disable=len(paths) < 10_000):
+    for path in tqdm(paths, desc="checking images", **({"disable": True} if len(paths) < 10_000 else {})):
         try:
             with Image.open(path) as img:
                 img.verify()
@@ -306,3 +306,48 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------ a toy dataset, offline
+def make_toy(out, classes=("circle", "square", "stripes"), per_class=64, size=16, seed=0):
+    """Synthetic PNGs in ImageFolder layout (a shape per class, in random colours and places) and a
+    tiny random AutoencoderKL (factor 2) saved with save_pretrained: everything the quick start
+    needs, made here, with no download. It shows the pipeline working, not a model."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(out, "images", name), exist_ok=True)
+        for i in range(per_class):
+            cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([size / 2, size / 2, size / 4]) + size / 4).tolist()
+            shape = [((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r), ((yy - cy).abs() <= r) & ((xx - cx).abs() <= r),
+                     ((xx + yy) // 3) % 2 == 0][c]
+            fg, bg = torch.rand(2, 3, generator=g)
+            img = torch.where(shape[..., None], fg, bg)  # (size, size, 3) in [0, 1]
+            Image.fromarray((img * 255).round().to(torch.uint8).numpy()).save(os.path.join(out, "images", name, f"{i}.png"))
+    torch.manual_seed(seed)
+    AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                  latent_channels=4).save_pretrained(os.path.join(out, "vae"))
+
+
+def main(argv=None):
+    from cli import HelpFormatter, Parser
+    p = Parser(description="python data.py toy OUT: a synthetic dataset and a tiny random autoencoder "
+               "(the offline quick start)", formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    toy = sub.add_parser("toy", formatter_class=HelpFormatter, help="synthetic PNGs and a tiny AutoencoderKL")
+    toy.add_argument("out", help="writes OUT/images (ImageFolder) and OUT/vae (save_pretrained)")
+    toy.add_argument("--per-class", type=int, default=64, help="images per class (3 classes)")
+    args = p.parse_args(argv)
+    if args.per_class < 1:
+        fail(f"--per-class must be >= 1, got {args.per_class}")
+    if os.path.exists(os.path.join(args.out, "images")) or os.path.exists(os.path.join(args.out, "vae")):
+        fail(f"{args.out} already holds a toy dataset (images/ or vae/): pick another folder")
+    make_toy(args.out, per_class=args.per_class)
+    print(f"wrote {args.out}/images (3 classes x {args.per_class} PNGs of 16x16) and {args.out}/vae")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,7 @@ def get_args(argv=None):
     a("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
     a("--fid", action="store_true", help="FID of the --out-dir samples against --fid-ref")
     a("--fid-ref", default=None, help="reference: an image folder or a 'metrics.py stats' .npz "
-      "(default: the run's --data folder)")
+      "(default: the run's --data folder, whose statistics are computed once and kept next to the run directory)")
     a("--vae", default=None, help="override the checkpoint's VAE, e.g. a local copy (default: the checkpoint's)")
     a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
@@ -154,7 +154,9 @@ def main(argv=None):
     print(f"wrote {n} samples to {args.out_dir}")
     if args.fid:
         stats = metrics.gaussian_stats(torch.cat(feats))
-        fid = metrics.frechet_distance(*stats, *(ref_stats or metrics.fid_stats(ref, extractor)))
+        ref_stats = ref_stats or metrics.cached_folder_stats(ref, extractor, os.path.dirname(os.path.dirname(
+            os.path.abspath(args.ckpt))))  # next to the run directory, like the latent cache
+        fid = metrics.frechet_distance(*stats, *ref_stats)
         print(f"FID {fid:.4f} ({n} samples against {ref}; FID grows as n shrinks: compare at equal n)")
         if os.path.isdir(ref):  # against as many reference images, drawn at random
             p_ref = metrics.folder_spectrum(ref, n=min(n, len(metrics.image_files(ref))))

@@ -1525,15 +1525,36 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
         sample.main(["--ckpt", ckpt, "--out-dir", str(tmp_path / f"s{i}"), "--n", "12", "--steps", "2", "--fid",
                      "--fid-ref", ref])
         printed = float(capsys.readouterr().out.split("FID ")[1].split()[0])
+        if i == 0:  # the data folder's statistics are kept next to the run directory, once
+            (kept,) = [p for p in (assets / "runs").glob("fid-stats-*.npz") if p.stat().st_mtime > os.path.getmtime(tmp_path / "net.pt")]
+            mtime = kept.stat().st_mtime_ns
+            sample.main(["--ckpt", ckpt, "--out-dir", str(tmp_path / "again"), "--n", "2", "--steps", "1", "--fid",
+                         "--fid-ref", ref])
+            assert kept.stat().st_mtime_ns == mtime
         ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
         feats = metrics.features_of_files(metrics.image_files(str(tmp_path / f"s{i}")), ext)
         ref_feats = metrics.features_of_files(metrics.image_files(str(assets / "data")), ext)
         assert printed == pytest.approx(fid_of_features(feats, ref_feats), abs=1e-4)
 
 
+def test_toy_dataset_makes_the_offline_quick_start(tmp_path):
+    import data
+    data.main(["toy", str(tmp_path / "toy"), "--per-class", "4"])
+    classes = sorted(os.listdir(tmp_path / "toy" / "images"))
+    assert classes == ["circle", "square", "stripes"] and len(os.listdir(tmp_path / "toy" / "images" / "square")) == 4
+    train.main(["--data", str(tmp_path / "toy" / "images"), "--vae", str(tmp_path / "toy" / "vae"), "--image-size", "16",
+                "--model", "DiT-T/2", "--batch-size", "8", "--steps", "2", "--loss", "lpl", "--sample-every", "1000",
+                "--run-dir", str(tmp_path / "runs" / "quick")])
+    assert load(tmp_path / "runs" / "quick" / "ckpt.pt")["latent_shape"] == (4, 8, 8)
+    assert "already holds a toy dataset" in one_line_error(data.main, ["toy", str(tmp_path / "toy")])
+
+
 def test_curves_plot_from_train_logs(assets, tmp_path):
     run = tmp_path / "lplrun"
-    train.main(train_args(assets, run, "--steps", "3", "--loss", "lpl", "--lpl-tau", "100"))
+    train.main(train_args(assets, run, "--steps", "3", "--loss", "lpl", "--lpl-tau", "100", "--init-from",
+                          str(assets / "runs" / "pre" / "ckpt.pt")))
+    # a post-training run's curves continue its pre-training's (2 steps)
+    assert metrics.run_start(str(run / "ckpt.pt")) == 2 and metrics.run_start(str(tmp_path / "none.pt")) == 0
     metrics.main(["curves", str(run / "log.jsonl"), str(assets / "runs" / "pre" / "log.jsonl"),
                   "--out", str(tmp_path / "c.png")])
     w, h = Image.open(tmp_path / "c.png").size

@@ -381,6 +381,7 @@ def main(argv=None):
         for name in ("model", "ema"):
             if not all(v.isfinite().all() for v in init[name].values() if v.is_floating_point()):
                 fail(f"{args.init_from} holds non-finite {name} weights: start from an earlier checkpoint")
+        args.init_step = init["step"] + init["args"].get("init_step", 0)  # where this run's steps start
         for k in ("model", "paradigm"):
             if k in explicit and getattr(args, k) != init["args"][k]:
                 fail(f"--{k} {getattr(args, k)} does not match {args.init_from}'s {init['args'][k]}; drop --{k}")
@@ -607,7 +608,7 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
     if resume is not None and RANK == 0:
         truncate_log(log_path, step)
     log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=RANK != 0)
+    bar = tqdm(total=args.steps, initial=step, desc="train", **({"disable": True} if RANK else {}))  # (TQDM_DISABLE=1 works)
     acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
     aux_name = {"lpl": "loss_lpl", "rgb": "loss_rgb", "self-perceptual": "loss_sp"}.get(args.loss)  # None: l2
 
