@@ -458,7 +458,7 @@ class LatentPerceptualLoss(nn.Module):
         if resolution_scale is None:
             resolution_scale = z_t.shape[-1] / 64
         m = lpl_mask(a, s, tau, resolution_scale)  # (B,) bool
-        if not m.any():  # (one host sync, which skips the decoder passes)
+        if not m.any():  # (host syncs here and in the checks above; this one skips the decoder passes)
             return pred.new_zeros((), dtype=torch.float32)
         z0_hat = z0_from_prediction(pred[m], z_t[m], a[m], s[m], parameterization)  # (B_sel, C, h, w)
         return self(z0_hat, z0[m]).sum() / len(z_t)  # E_batch[δ · L_LPL]
