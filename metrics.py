@@ -357,6 +357,7 @@ def outlier_maps(vae, x, path, channels=4):
             ax.set_title(f"ch {c}: {100 * (~keep[c]).float().mean():.1f}%", fontsize=7)
         for ax in axes[row]:
             ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle("red: positions Algorithm 1 masks (ρ = 0), on the target's decoder features", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -4,8 +4,8 @@ The paper's protocol at toy scale: pre-train with the plain diffusion loss, then
 that checkpoint with (--loss lpl) and without (--loss l2) LPL for the same number of steps, and
 compare. The dataset is encoded once by the frozen VAE (both horizontal flips) and cached.
 
-    python train.py --run-dir runs/pretrain --steps 100000
-    python train.py --run-dir runs/lpl --init-from runs/pretrain/ckpt.pt --steps 50000 --loss lpl
+    python train.py --run-dir runs/pretrain                                   # 50k steps
+    python train.py --run-dir runs/lpl --init-from runs/pretrain --steps 20000 --ema-decay 0.9995 --loss lpl
     torchrun --standalone --nproc_per_node 8 train.py ...     # DDP; --batch-size stays the global batch
 
 Time conventions. eps and v: discrete t in {0..999}, t = 0 is (almost) clean, t = 999 is noise;
@@ -625,9 +625,10 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         return stats
 
     def update_ema(step):
-        """EMA with diffusers' warm-up, min(decay, (1+n)/(10+n)): the run's first steps do not anchor the
-        average to its starting point. For a post-training run that is the pre-trained model, which a
-        plain 0.9999 EMA would still hold at 0.9999^20000 = 13.5% after 20k steps."""
+        """EMA with a warm-up, min(decay, (1+n)/(10+n)) (diffusers' EMAModel from its second update on),
+        so the run's first steps do not anchor the average to its starting point. For a post-training run
+        that is the pre-trained model, which a plain 0.9999 EMA would still hold at 0.9999^20000 = 13.5%
+        after 20k steps."""
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
