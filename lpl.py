@@ -359,7 +359,8 @@ class LatentPerceptualLoss(nn.Module):
         if normalization not in ("shared", "separate"):
             raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
         if grad_checkpointing:
-            if not {"Decoder", "MaskConditionDecoder"} & {c.__name__ for c in type(getattr(vae, "decoder", None)).__mro__}:
+            if not (getattr(vae, "_supports_gradient_checkpointing", False)
+                    and "Decoder" in {c.__name__ for c in type(getattr(vae, "decoder", None)).__mro__}):
                 raise ValueError(f"grad_checkpointing needs a decoder that checkpoints each block "
                                  f"(AutoencoderKL, AutoencoderKLFlux2); {type(vae).__name__} does not")
             vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
