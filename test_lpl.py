@@ -865,6 +865,7 @@ def test_decoders_that_cannot_decode_an_image_latent_are_one_clear_error():
 
 
 # ================================================================ train.py / sample.py end to end
+import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -985,6 +986,30 @@ def test_lpl_off_logs_no_lpl_and_cache_is_reused(assets, tmp_path):
     assert all("loss_lpl" not in r and "lpl_share" not in r for r in read_log(tmp_path / "a"))  # not "measured: 0"
     z = torch.load(caches[0])["z"]
     assert z.shape == (48, 4, 8, 8)  # 24 images x 2 flips
+
+
+def test_cache_key_follows_the_vae_weights_not_their_dates(assets, tmp_path):
+    """The key reads the VAE's weights, not their dates (a model folder provisioned again keeps its
+    latents, and its runs can resume); one changed bit changes it. A post-training in another folder
+    reuses its pre-training's latents instead of encoding the data again."""
+    vae_dir, files = tmp_path / "vae", [str(p) for p in sorted((assets / "data").rglob("*.png"))]
+    shutil.copytree(assets / "vae", vae_dir)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    key = lambda: os.path.basename(data.cache_path(argparse.Namespace(  # noqa: E731
+        vae=str(vae_dir), images_per_class=None, image_size=16, run_dir=str(tmp_path / "r")), vae, files))
+    weights = vae_dir / "diffusion_pytorch_model.safetensors"
+    before = key()
+    os.utime(weights, (0, 0))  # copied without its dates
+    assert key() == before
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1  # one bit of the weights
+    weights.write_bytes(bytes(raw))
+    assert key() != before
+    (pre_cache,) = (assets / "runs").glob("latents-*.pt")
+    train.main(train_args(assets, tmp_path / "elsewhere" / "post", "--steps", "1",
+                          "--init-from", str(assets / "runs" / "pre")))
+    assert not list((tmp_path / "elsewhere").glob("latents-*.pt"))  # nothing encoded again
+    assert load(tmp_path / "elsewhere" / "post" / "ckpt.pt")["args"]["latent_cache"] == str(pre_cache)
 
 
 def test_images_per_class_takes_the_first_of_each_class(assets, tmp_path):
