@@ -197,17 +197,20 @@ def _image_dataset(args):
     return ds, ds.classes, [p for p, _ in ds.samples]
 
 
-def cache_path(args, vae, files, init_cache=None):
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def cache_path(args, vae, files, known=None):
     """The latent cache, keyed by what the latents depend on: the data files (names, sizes,
     modification times), the image size and the VAE (config, and the contents of its weight files if
-    local: a copied or re-provisioned model folder keeps its key). It lies next to the run directory;
-    a post-training (init_cache: its pre-training's cache) reuses its pre-training's latents when
-    the key is the same."""
+    local: a copied or re-provisioned model folder keeps its key). It lies next to the run directory,
+    unless `known` (the cache a checkpoint names: a post-training's pre-training's, or a resumed
+    run's own) has the same key: then that one is reused instead of encoding the data again."""
     def stat(f):
         s = os.stat(f)
         return [os.path.abspath(f), s.st_size, s.st_mtime_ns]
 
-    def digest(f):  # ~1 s for the 335 MB SD VAE; weights only, so a README edit changes nothing
+    def digest(f):  # weights only, so a README edit changes nothing (0.4 s per 335 MB, the SD VAE's size)
         h = hashlib.sha1()
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
@@ -218,12 +221,9 @@ def cache_path(args, vae, files, init_cache=None):
     key = json.dumps([[stat(f) for f in files], args.images_per_class, args.image_size, args.vae,
                       [digest(f) for f in vae_files], vae.config], sort_keys=True, default=str)
     name = f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    if init_cache and os.path.basename(init_cache) == name and os.path.exists(init_cache):
-        return init_cache
+    if known and os.path.basename(known) == name and os.path.exists(known):
+        return known
     return os.path.join(os.path.dirname(os.path.abspath(args.run_dir)), name)
-
-
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def encode_dataset(args, vae, device, ds, classes, cache, latent_shape):

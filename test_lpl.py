@@ -990,8 +990,8 @@ def test_lpl_off_logs_no_lpl_and_cache_is_reused(assets, tmp_path):
 
 def test_cache_key_follows_the_vae_weights_not_their_dates(assets, tmp_path):
     """The key reads the VAE's weights, not their dates (a model folder provisioned again keeps its
-    latents, and its runs can resume); one changed bit changes it. A post-training in another folder
-    reuses its pre-training's latents instead of encoding the data again."""
+    latents, and its runs can resume); one changed bit changes it. A post-training in another folder,
+    and its resume, reuse its pre-training's latents instead of encoding the data again."""
     vae_dir, files = tmp_path / "vae", [str(p) for p in sorted((assets / "data").rglob("*.png"))]
     shutil.copytree(assets / "vae", vae_dir)
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
@@ -1010,6 +1010,8 @@ def test_cache_key_follows_the_vae_weights_not_their_dates(assets, tmp_path):
                           "--init-from", str(assets / "runs" / "pre")))
     assert not list((tmp_path / "elsewhere").glob("latents-*.pt"))  # nothing encoded again
     assert load(tmp_path / "elsewhere" / "post" / "ckpt.pt")["args"]["latent_cache"] == str(pre_cache)
+    train.main(["--resume", str(tmp_path / "elsewhere" / "post"), "--steps", "2"])  # and so does its resume
+    assert not list((tmp_path / "elsewhere").glob("latents-*.pt"))
 
 
 def test_images_per_class_takes_the_first_of_each_class(assets, tmp_path):

@@ -441,8 +441,8 @@ def main(argv=None):
     try:
         if RANK == 0:
             lock = lock_run_dir(run_dir)
-        cache = cache_path(args, vae, files, init_cache=(init or {}).get("args", {}).get("latent_cache"))
         trained_on = (resume or {}).get("args", {}).get("latent_cache")
+        cache = cache_path(args, vae, files, known=trained_on or (init or {}).get("args", {}).get("latent_cache"))
         if trained_on and os.path.basename(trained_on) != os.path.basename(cache):
             fail(f"the data or VAE at --data {args.data} / --vae {args.vae} are not those {args.resume} was trained on "
                  f"(files, sizes or dates changed: their latents would be {os.path.basename(cache)}, the run's are "
