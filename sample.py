@@ -149,7 +149,9 @@ def main(argv=None):
         if args.label_rows:
             grid = label_rows(grid, [classes[int(c)] for c in y_all[::args.per_class]], images[0].shape[-1] + 2)
         save_image(grid, args.out)
-        print(f"wrote {args.out}: {n} samples at step {ckpt['step']}, cfg {args.cfg}")
+        first = train_args.get("init_step", 0)  # a post-training counts its own steps from its base's
+        at = f"step {ckpt['step']}" + (f" after {first} of pre-training" if first else "")
+        print(f"wrote {args.out}: {n} samples at {at}, cfg {args.cfg}")
         return
     print(f"wrote {n} samples to {args.out_dir}")
     if args.fid:

@@ -1181,7 +1181,7 @@ def test_failed_run_leaves_no_empty_directory(assets, tmp_path):
 
 
 # ---------------------------------------------------------------- post-training
-def test_init_from_starts_a_new_run_from_weights(assets, tmp_path):
+def test_init_from_starts_a_new_run_from_weights(assets, tmp_path, capsys):
     pre = load(assets / "runs" / "pre" / "ckpt.pt")
     train.main(train_args(assets, tmp_path / "post", "--steps", "1", "--init-from",
                           str(assets / "runs" / "pre" / "ckpt.pt"), "--loss", "lpl", "--lpl-tau", "100"))
@@ -1195,6 +1195,9 @@ def test_init_from_starts_a_new_run_from_weights(assets, tmp_path):
     # EMA warm-up: the first step's decay is 1/10, so the EMA mostly follows this run, not pre's EMA
     for k in pre["ema"]:
         torch.testing.assert_close(post["ema"][k], 0.1 * pre["ema"][k] + 0.9 * post["model"][k])
+    # the grid names both step counts: the post-training's own and the pre-training's before it
+    sample.main(["--ckpt", str(tmp_path / "post" / "ckpt.pt"), "--out", str(tmp_path / "g.png"), "--steps", "1"])
+    assert f"at step 1 after {pre['step']} of pre-training" in capsys.readouterr().out
 
 
 def test_default_lpl_weight_gives_lpl_a_fifth_of_the_loss(assets, tmp_path):
