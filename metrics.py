@@ -20,6 +20,7 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py spectrum FOLDER_A FOLDER_B --plot spectrum.png
     python metrics.py diff grid-l2.png grid-lpl.png --out diff.png   # grids from the same noise, and b - a
     python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
+    python metrics.py table runs/p17/post-*-s*/ --baseline post-l2   # mean ± std over training seeds
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
 import glob
@@ -321,6 +322,75 @@ def plot_curves(logs, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------ seed table
+def read_scores(path):
+    """(FID, spectrum error or None) from a file holding the output of `sample.py --fid` (and of
+    `metrics.py spectrum`, whose line wins over sample.py's when both are there)."""
+    import re
+    try:
+        text = open(path).read()
+    except OSError as e:
+        fail(f"cannot read {path} ({e.strerror}): write it with sample.py --fid ... > {path}")
+    fid, spectrum = re.search(r"^FID ([\d.]+)", text, re.M), re.findall(r"^spectrum error ([\d.]+)", text, re.M)
+    if not fid:
+        fail(f"{path} holds no 'FID ...' line: it must hold the output of sample.py --fid")
+    return float(fid.group(1)), float(spectrum[-1]) if spectrum else None
+
+
+def seed_table(runs, baseline=None):
+    """Markdown rows, one per arm, over its training seeds: FID and spectrum error as mean ± std
+    (sample std; one seed is shown as it is), the mean s/step and LPL share of the logs. A run
+    directory is named ARM-sSEED and holds train.py's log.jsonl and score.txt (one without it is
+    left out, and named under the table). With a baseline arm, also the paired difference arm −
+    baseline over the seeds both have: runs of one seed share batches, t and noise, so the paired
+    spread is the one a gap must exceed."""
+    import re
+    import statistics
+    arms, unscored = {}, []  # arm -> {seed: (fid, spectrum, s/step, share)}
+    for run in runs:
+        if not os.path.isdir(run):
+            fail(f"{run!r} is not a run directory (a glob like runs/post-*-s*/ keeps to directories)")
+        m = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(os.path.normpath(run)))
+        if not m:
+            fail(f"{run!r} is not named ARM-sSEED (e.g. runs/post-lpl-s0): the table groups runs by that name")
+        if not os.path.exists(os.path.join(run, "score.txt")):  # still training, or not scored yet
+            unscored.append(os.path.basename(os.path.normpath(run)))
+            continue
+        log = read_log(os.path.join(run, "log.jsonl"))
+        fid, spectrum = read_scores(os.path.join(run, "score.txt"))
+        share = [r["lpl_share"] for r in log if "lpl_share" in r]
+        arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.mean(r["s_per_step"] for r in log[1:] or log),
+                                                 statistics.mean(share) if share else None)
+    if baseline is not None and baseline not in arms:
+        fail(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")
+
+    def spread(values, digits, sign=""):
+        values = [v for v in values if v is not None]
+        if not values:
+            return ""
+        if len(values) == 1:
+            return f"{values[0]:{sign}.{digits}f}"
+        return f"{statistics.mean(values):{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    head = "| arm | training seeds | FID | FID per seed | spectrum error | s/step | LPL share |"
+    if baseline:
+        head += f" FID − {baseline}, same seed | spectrum error − {baseline}, same seed |"
+    rows = [head, "|" + "---|" * head.count(" |")]
+    for arm, seeds in arms.items():
+        v = [seeds[s] for s in sorted(seeds)]
+        shares = [x[3] for x in v if x[3] is not None]
+        row = (f"| {arm} | {', '.join(map(str, sorted(seeds)))} | {spread([x[0] for x in v], 2)} | "
+               f"{', '.join(f'{x[0]:.2f}' for x in v)} | {spread([x[1] for x in v], 3)} | "
+               f"{statistics.mean(x[2] for x in v):.2f} | {f'{statistics.mean(shares):.3f}' if shares else ''} |")
+        if baseline:
+            both = sorted(set(seeds) & set(arms[baseline])) if arm != baseline else []
+            base = arms[baseline]
+            d_spec = [seeds[s][1] - base[s][1] for s in both if seeds[s][1] is not None and base[s][1] is not None]
+            row += f" {spread([seeds[s][0] - base[s][0] for s in both], 2, '+')} | {spread(d_spec, 3, '+')} |"
+        rows.append(row)
+    return rows + ([f"(not scored yet, left out: {', '.join(unscored)})"] if unscored else [])
+
+
 # ------------------------------------------------------------------------------ outlier maps (Fig. 13)
 def outlier_maps(vae, x, path, channels=4):
     """The paper's Fig. 13 for one image x (1, 3, H, W) uint8: encode it, decode it through the
@@ -446,6 +516,11 @@ def main(argv=None):
     sb.add_argument("--draws", type=int, default=16, help="targets z0 + noise·u per image")
     sb.add_argument("--steps", type=int, default=300, help="Adam steps fitting ẑ0")
     sb.add_argument("--seed", type=int, default=0, help="seeds the draw of images and of u")
+    ta = sub.add_parser("table", formatter_class=HelpFormatter, help="mean ± std over training seeds of runs "
+                        "named ARM-sSEED, each with log.jsonl and score.txt (sample.py --fid's output)")
+    ta.add_argument("runs", nargs="+", help="run directories, e.g. runs/p17/post-*")
+    ta.add_argument("--baseline", default=None, help="an arm, e.g. post-l2: also each arm's difference from "
+                    "it at the same training seed (default: none)")
     cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share")
     cu.add_argument("logs", nargs="+", help="log.jsonl files; each is labelled by its run directory")
     cu.add_argument("--out", default="curves.png", help="the PNG to write")
@@ -499,6 +574,9 @@ def main(argv=None):
                 scale, power = sigma_bias(vae, z0, noise, detach, args.draws, args.steps, seed=args.seed)
                 print(f"noise {noise:g}, σ̂ {'constant   ' if detach else 'with grad. '}: ẑ0 = {scale:.3f} x z0, "
                       f"decoded power x{power:.3f}")
+        return
+    if args.metric == "table":
+        print("\n".join(seed_table(args.runs, args.baseline)))
         return
     if args.metric == "curves":
         logs = {}

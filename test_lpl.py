@@ -1593,6 +1593,36 @@ def test_curves_plot_from_train_logs(assets, tmp_path):
     assert "cannot read" in one_line_error(metrics.main, ["curves", str(tmp_path / "bad.jsonl")])
 
 
+def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, capsys):
+    def run(name, fid, spectrum, s_per_step, share=None):
+        (tmp_path / name).mkdir()
+        extra = {} if share is None else {"lpl_share": share}
+        rows = [{"step": 50, "loss_diff": 0.2, "s_per_step": 99.0, **extra},  # the first interval: warm-up, left out
+                {"step": 100, "loss_diff": 0.2, "s_per_step": s_per_step, **extra}]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / name / "score.txt").write_text(  # sample.py's lines, then metrics.py spectrum's
+            f"wrote 100 samples to x\nFID {fid} (100 samples against ref)\nspectrum error 9.0 (sample.py)\n"
+            f"spectrum error {spectrum}  x against ref\n")
+    for seed, fid in enumerate((10.0, 12.0, 14.0)):
+        run(f"lpl-s{seed}", fid, 0.5 + 0.1 * seed, 3.0, share=0.2)
+    run("l2-s0", 11.0, 0.6, 2.0)
+    run("l2-s1", 11.0, 0.6, 2.0)
+    (tmp_path / "l2-s2").mkdir()  # still training: no score.txt yet
+    metrics.main(["table", *(str(p) for p in sorted(tmp_path.iterdir())), "--baseline", "l2"])
+    *rows, note = capsys.readouterr().out.splitlines()
+    assert note == "(not scored yet, left out: l2-s2)"
+    cells = {c[0]: c for c in ([c.strip() for c in r.split("|")[1:-1]] for r in rows[2:])}
+    # lpl: FID 12 ± 2 (sample std of 10, 12, 14); against l2 at seeds 0 and 1: -1 and +1, so 0 ± √2
+    assert cells["lpl"] == ["lpl", "0, 1, 2", "12.00 ± 2.00", "10.00, 12.00, 14.00", "0.600 ± 0.100", "3.00",
+                            "0.200", "+0.00 ± 1.41", "-0.050 ± 0.071"]
+    assert cells["l2"] == ["l2", "0, 1", "11.00 ± 0.00", "11.00, 11.00", "0.600 ± 0.000", "2.00", "", "", ""]
+    assert "not named ARM-sSEED" in one_line_error(metrics.main, ["table", str(tmp_path)])
+    assert "not a run directory" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0" / "log.jsonl")])
+    assert "none of the arms" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0"), "--baseline", "x"])
+    (tmp_path / "l2-s0" / "score.txt").write_text("spectrum error 0.5\n")
+    assert "no 'FID ...' line" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0")])
+
+
 def test_metrics_cli(tmp_path, capsys):
     write_pngs(tmp_path / "a", classes=("x",), per_class=6)
     write_pngs(tmp_path / "b", classes=("y",), per_class=6, seed=1)
