@@ -339,11 +339,11 @@ def read_scores(path):
 
 def seed_table(runs, baseline=None):
     """Markdown rows, one per arm, over its training seeds: FID and spectrum error as mean ± std
-    (sample std; one seed is shown as it is), the mean s/step and LPL share of the logs. A run
-    directory is named ARM-sSEED and holds train.py's log.jsonl and score.txt (one without it is
-    left out, and named under the table). With a baseline arm, also the paired difference arm −
-    baseline over the seeds both have: runs of one seed share batches, t and noise, so the paired
-    spread is the one a gap must exceed."""
+    (sample std; one seed is shown as it is), s/step (the median over each log, which a paused run
+    does not move) and LPL's mean share. A run directory is named ARM-sSEED and holds train.py's
+    log.jsonl and score.txt (one without it is left out, and named under the table). With a
+    baseline arm, also the paired difference arm − baseline over the seeds both have: runs of one
+    seed share batches, t and noise, so the paired spread is the one a gap must exceed."""
     import re
     import statistics
     arms, unscored = {}, []  # arm -> {seed: (fid, spectrum, s/step, share)}
@@ -359,7 +359,7 @@ def seed_table(runs, baseline=None):
         log = read_log(os.path.join(run, "log.jsonl"))
         fid, spectrum = read_scores(os.path.join(run, "score.txt"))
         share = [r["lpl_share"] for r in log if "lpl_share" in r]
-        arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.mean(r["s_per_step"] for r in log[1:] or log),
+        arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.median(r["s_per_step"] for r in log[1:] or log),
                                                  statistics.mean(share) if share else None)
     if baseline is not None and baseline not in arms:
         fail(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")

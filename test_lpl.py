@@ -1597,8 +1597,8 @@ def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, 
     def run(name, fid, spectrum, s_per_step, share=None):
         (tmp_path / name).mkdir()
         extra = {} if share is None else {"lpl_share": share}
-        rows = [{"step": 50, "loss_diff": 0.2, "s_per_step": 99.0, **extra},  # the first interval: warm-up, left out
-                {"step": 100, "loss_diff": 0.2, "s_per_step": s_per_step, **extra}]
+        rows = [{"step": 50 * i, "loss_diff": 0.2, "s_per_step": s, **extra}  # the first interval is warm-up,
+                for i, s in enumerate((99.0, s_per_step, 40.0, s_per_step), 1)]  # the third was paused
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / name / "score.txt").write_text(  # sample.py's lines, then metrics.py spectrum's
             f"wrote 100 samples to x\nFID {fid} (100 samples against ref)\nspectrum error 9.0 (sample.py)\n"
