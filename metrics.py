@@ -343,10 +343,12 @@ def seed_table(runs, baseline=None):
     does not move) and LPL's mean share. A run directory is named ARM-sSEED and holds train.py's
     log.jsonl and score.txt (one without it is left out, and named under the table). With a
     baseline arm, also the paired difference arm − baseline over the seeds both have: runs of one
-    seed share batches, t and noise, so the paired spread is the one a gap must exceed."""
+    seed share batches, t and noise, so the paired spread is the one a gap must exceed. Of the
+    training loss L_Diff (on those same batches, over the steps both logs have) the paired
+    difference is relative: what an added loss costs the diffusion objective."""
     import re
     import statistics
-    arms, unscored = {}, []  # arm -> {seed: (fid, spectrum, s/step, share)}
+    arms, unscored = {}, []  # arm -> {seed: (fid, spectrum, s/step, share, {step: L_Diff})}
     for run in runs:
         if not os.path.isdir(run):
             fail(f"{run!r} is not a run directory (a glob like runs/post-*-s*/ keeps to directories)")
@@ -360,7 +362,8 @@ def seed_table(runs, baseline=None):
         fid, spectrum = read_scores(os.path.join(run, "score.txt"))
         share = [r["lpl_share"] for r in log if "lpl_share" in r]
         arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.median(r["s_per_step"] for r in log[1:] or log),
-                                                 statistics.mean(share) if share else None)
+                                                 statistics.mean(share) if share else None,
+                                                 {r["step"]: r["loss_diff"] for r in log})
     if baseline is not None and baseline not in arms:
         fail(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")
 
@@ -374,7 +377,8 @@ def seed_table(runs, baseline=None):
 
     head = "| arm | training seeds | FID | FID per seed | spectrum error | s/step | LPL share |"
     if baseline:
-        head += f" FID − {baseline}, same seed | spectrum error − {baseline}, same seed |"
+        head += (f" FID − {baseline}, same seed | spectrum error − {baseline}, same seed |"
+                 f" L_Diff / {baseline}'s − 1, same seed |")
     rows = [head, "|" + "---|" * head.count(" |")]
     for arm, seeds in arms.items():
         v = [seeds[s] for s in sorted(seeds)]
@@ -386,7 +390,12 @@ def seed_table(runs, baseline=None):
             both = sorted(set(seeds) & set(arms[baseline])) if arm != baseline else []
             base = arms[baseline]
             d_spec = [seeds[s][1] - base[s][1] for s in both if seeds[s][1] is not None and base[s][1] is not None]
-            row += f" {spread([seeds[s][0] - base[s][0] for s in both], 2, '+')} | {spread(d_spec, 3, '+')} |"
+            d_loss = []  # %: what the added loss costs the diffusion loss, over the steps both logged
+            for s in both:
+                steps = seeds[s][4].keys() & base[s][4].keys()
+                d_loss.append(100 * (sum(seeds[s][4][k] for k in steps) / sum(base[s][4][k] for k in steps) - 1))
+            row += (f" {spread([seeds[s][0] - base[s][0] for s in both], 2, '+')} | {spread(d_spec, 3, '+')} |"
+                    f" {spread(d_loss, 2, '+')}{'%' if d_loss else ''} |")
         rows.append(row)
     return rows + ([f"(not scored yet, left out: {', '.join(unscored)})"] if unscored else [])
 

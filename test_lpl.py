@@ -1594,19 +1594,20 @@ def test_curves_plot_from_train_logs(assets, tmp_path):
 
 
 def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, capsys):
-    def run(name, fid, spectrum, s_per_step, share=None):
+    def run(name, fid, spectrum, s_per_step, share=None, loss_diff=0.2, more=()):
         (tmp_path / name).mkdir()
         extra = {} if share is None else {"lpl_share": share}
-        rows = [{"step": 50 * i, "loss_diff": 0.2, "s_per_step": s, **extra}  # the first interval is warm-up,
+        rows = [{"step": 50 * i, "loss_diff": loss_diff, "s_per_step": s, **extra}  # the first interval is warm-up,
                 for i, s in enumerate((99.0, s_per_step, 40.0, s_per_step), 1)]  # the third was paused
+        rows += [{"step": 50 * i, "loss_diff": 1.0, "s_per_step": s_per_step} for i in more]  # a longer log
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / name / "score.txt").write_text(  # sample.py's lines, then metrics.py spectrum's
             f"wrote 100 samples to x\nFID {fid} (100 samples against ref)\nspectrum error 9.0 (sample.py)\n"
             f"spectrum error {spectrum}  x against ref\n")
-    for seed, fid in enumerate((10.0, 12.0, 14.0)):
-        run(f"lpl-s{seed}", fid, 0.5 + 0.1 * seed, 3.0, share=0.2)
+    for seed, fid in enumerate((10.0, 12.0, 14.0)):  # L_Diff 1% and 3% above l2's at seeds 0 and 1
+        run(f"lpl-s{seed}", fid, 0.5 + 0.1 * seed, 3.0, share=0.2, loss_diff=0.2 * (1.01 + 0.02 * seed))
     run("l2-s0", 11.0, 0.6, 2.0)
-    run("l2-s1", 11.0, 0.6, 2.0)
+    run("l2-s1", 11.0, 0.6, 2.0, more=(5, 6))  # steps lpl-s1 has not logged: not compared
     (tmp_path / "l2-s2").mkdir()  # still training: no score.txt yet
     metrics.main(["table", *(str(p) for p in sorted(tmp_path.iterdir())), "--baseline", "l2"])
     *rows, note = capsys.readouterr().out.splitlines()
@@ -1614,8 +1615,8 @@ def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, 
     cells = {c[0]: c for c in ([c.strip() for c in r.split("|")[1:-1]] for r in rows[2:])}
     # lpl: FID 12 ± 2 (sample std of 10, 12, 14); against l2 at seeds 0 and 1: -1 and +1, so 0 ± √2
     assert cells["lpl"] == ["lpl", "0, 1, 2", "12.00 ± 2.00", "10.00, 12.00, 14.00", "0.600 ± 0.100", "3.00",
-                            "0.200", "+0.00 ± 1.41", "-0.050 ± 0.071"]
-    assert cells["l2"] == ["l2", "0, 1", "11.00 ± 0.00", "11.00, 11.00", "0.600 ± 0.000", "2.00", "", "", ""]
+                            "0.200", "+0.00 ± 1.41", "-0.050 ± 0.071", "+2.00 ± 1.41%"]
+    assert cells["l2"] == ["l2", "0, 1", "11.00 ± 0.00", "11.00, 11.00", "0.600 ± 0.000", "2.00", "", "", "", ""]
     assert "not named ARM-sSEED" in one_line_error(metrics.main, ["table", str(tmp_path)])
     assert "not a run directory" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0" / "log.jsonl")])
     assert "none of the arms" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0"), "--baseline", "x"])
