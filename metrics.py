@@ -21,6 +21,7 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py diff grid-l2.png grid-lpl.png --out diff.png   # grids from the same noise, and b - a
     python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
     python metrics.py table runs/p17/post-*-s*/ --baseline post-l2   # mean ± std over training seeds
+    python metrics.py inflation data/cifar10-png/test runs/l2/ckpt.pt runs/lpl/ckpt.pt   # ẑ0's scale under τ
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
 import glob
@@ -322,6 +323,35 @@ def plot_curves(logs, path):
     plt.close(fig)
 
 
+def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
+    """How much larger a trained model's clean-latent estimates are than z0 where LPL acts
+    (σ_t/α_t ≤ τ, at training's time distribution): (slope, feature ratio). slope: the regression
+    of ẑ0 on z0, Σ ẑ0·z0 / Σ z0·z0. feature ratio: σ(ϕ̂)/σ(ϕ), each decoder feature map's spatial
+    std, the geometric mean over samples, channels and layers; the gradient through σ̂ rewards
+    raising it (README, Differences). An estimate shrinks towards the mean where z0 is uncertain,
+    so both sit below 1 for any good model: compare models on one z0, y, t and noise (one seed)."""
+    from lpl import lpl_mask, z0_from_prediction
+    from train import ddpm_scheduler, sample_t
+    n = len(z0)
+    with torch.random.fork_rng():  # the times and noise: the same for every model measured
+        torch.manual_seed(seed)
+        alpha, sigma, t_model = sample_t(paradigm, 50 * n, "cpu", None if paradigm == "flow" else ddpm_scheduler(paradigm))
+        keep = lpl_mask(alpha, sigma, tau, resolution_scale).nonzero().squeeze(1)[:n]  # LPL's samples
+        if len(keep) < n:
+            fail(f"too few draws under --lpl-tau {tau}: raise it or lower --n")
+        alpha, sigma, t_model = alpha[keep], sigma[keep], t_model[keep]  # (n,) each
+        eps = torch.randn_like(z0)  # (n, C, h, w)
+    a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        z_t = a * z0 + s * eps
+        out = model(z_t, timestep=t_model, class_labels=y).sample.float()
+        z0_hat = z0_from_prediction(out, z_t, alpha, sigma, paradigm)  # (n, C, h, w)
+        slope = float((z0_hat * z0).sum() / (z0 * z0).sum())
+        log_ratio = [(fh.std((2, 3)) / f.std((2, 3)).clamp_min(1e-12)).log().mean()  # per layer: (B, C) -> ()
+                     for f, fh in zip(lpl.features(z0), lpl.features(z0_hat))]
+    return slope, float(torch.stack(log_ratio).mean().exp())
+
+
 # ------------------------------------------------------------------------------ seed table
 def read_scores(path):
     """(FID, spectrum error or None) from a file holding the output of `sample.py --fid` (and of
@@ -525,6 +555,12 @@ def main(argv=None):
     sb.add_argument("--draws", type=int, default=16, help="targets z0 + noise·u per image")
     sb.add_argument("--steps", type=int, default=300, help="Adam steps fitting ẑ0")
     sb.add_argument("--seed", type=int, default=0, help="seeds the draw of images and of u")
+    infl = sub.add_parser("inflation", formatter_class=HelpFormatter, help="how much larger trained models' "
+                          "ẑ0 and decoder features are than z0's where LPL acts (README, Differences)")
+    infl.add_argument("folder", help="image folder in ImageFolder layout with the checkpoints' classes (e.g. the test set)")
+    infl.add_argument("ckpts", nargs="+", help="train.py checkpoints on one autoencoder (EMA weights)")
+    infl.add_argument("--n", type=int, default=512, help="images, drawn at random, each at one time under τ")
+    infl.add_argument("--seed", type=int, default=0, help="seeds the images, times and noise (the same for every checkpoint)")
     ta = sub.add_parser("table", formatter_class=HelpFormatter, help="mean ± std over training seeds of runs "
                         "named ARM-sSEED, each with log.jsonl and score.txt (sample.py --fid's output)")
     ta.add_argument("runs", nargs="+", help="run directories, e.g. runs/p17/post-*")
@@ -583,6 +619,37 @@ def main(argv=None):
                 scale, power = sigma_bias(vae, z0, noise, detach, args.draws, args.steps, seed=args.seed)
                 print(f"noise {noise:g}, σ̂ {'constant   ' if detach else 'with grad. '}: ẑ0 = {scale:.3f} x z0, "
                       f"decoded power x{power:.3f}")
+        return
+    if args.metric == "inflation":
+        from data import encode_latents, load_vae
+        from lpl import LatentPerceptualLoss
+        from train import build_model, load_checkpoint
+        if args.n < 1:
+            fail(f"--n must be >= 1, got {args.n}")
+        ckpts = [(path, load_checkpoint(path)) for path in args.ckpts]
+        first = ckpts[0][1]
+        for path, ck in ckpts:
+            if (ck["args"]["vae"], ck["classes"]) != (first["args"]["vae"], first["classes"]):
+                fail(f"{path} was trained on another autoencoder or classes than {args.ckpts[0]}: measure them apart")
+        files = subset(image_files(args.folder), min(args.n, len(image_files(args.folder))), args.seed)
+        names = [os.path.basename(os.path.dirname(f)) for f in files]
+        if not set(names) <= set(first["classes"]):
+            unknown = ", ".join(sorted(set(names) - set(first["classes"])))
+            fail(f"{args.folder!r} holds classes the checkpoints do not know ({unknown}): give a folder in "
+                 f"the training data's ImageFolder layout")
+        y = torch.tensor([first["classes"].index(c) for c in names])
+        vae = load_vae(first["args"]["vae"], "cpu")
+        x = torch.cat(list(read_images(files)))  # (n, 3, H, W) uint8
+        with torch.no_grad():
+            z0 = encode_latents(vae, x.float() / 127.5 - 1)
+        lpl = LatentPerceptualLoss(vae)
+        for path, ck in ckpts:
+            model = build_model(ck["model_config"]).eval()
+            model.load_state_dict(ck["ema"])
+            a = ck["args"]
+            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], z0.shape[-1] / 64, args.seed)
+            print(f"ẑ0 / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
+                  f"({len(z0)} samples under τ {a['lpl_tau']:g})")
         return
     if args.metric == "table":
         print("\n".join(seed_table(args.runs, args.baseline)))

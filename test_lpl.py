@@ -1593,6 +1593,35 @@ def test_curves_plot_from_train_logs(assets, tmp_path):
     assert "cannot read" in one_line_error(metrics.main, ["curves", str(tmp_path / "bad.jsonl")])
 
 
+@pytest.mark.parametrize("c", [1.0, 1.2])
+def test_inflation_measures_the_scale_of_z0_hat_on_lpl_samples_only(c):
+    from types import SimpleNamespace
+    vae = tiny_vae(blocks=3)
+    lpl = LatentPerceptualLoss(vae)
+    z0 = torch.randn(6, 4, 4, 4)
+    abar = train.ddpm_scheduler("eps").alphas_cumprod
+    tau, scale = 4.0, 4 / 64
+
+    def oracle(z_t, timestep, class_labels):  # an ε prediction whose ẑ0 is exactly c·z0
+        a, s = abar[timestep].sqrt().view(-1, 1, 1, 1), (1 - abar[timestep]).sqrt().view(-1, 1, 1, 1)
+        assert (s / a <= tau * scale).all()  # only LPL's samples are measured
+        return SimpleNamespace(sample=(z_t - a * c * z0) / s)
+
+    slope, ratio = metrics.inflation(oracle, "eps", lpl, z0, torch.zeros(6, dtype=torch.long), tau, scale)
+    assert slope == pytest.approx(c, abs=1e-4)
+    assert ratio == pytest.approx(1.0, abs=1e-4) if c == 1 else ratio > 1.05  # features grow with ẑ0
+
+
+def test_inflation_cli_measures_each_checkpoint_on_the_same_draws(assets, tmp_path, capsys):
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    metrics.main(["inflation", str(assets / "data"), pre, pre, "--n", "5"])
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second and "5 samples under τ 4" in first
+    write_pngs(tmp_path / "other", classes=("zebra",), per_class=2)
+    assert "classes the checkpoints do not know (zebra)" in one_line_error(
+        metrics.main, ["inflation", str(tmp_path / "other"), pre])
+
+
 def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, capsys):
     def run(name, fid, spectrum, s_per_step, share=None, loss_diff=0.2, more=()):
         (tmp_path / name).mkdir()
