@@ -338,7 +338,7 @@ def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
         alpha, sigma, t_model = sample_t(paradigm, 50 * n, "cpu", None if paradigm == "flow" else ddpm_scheduler(paradigm))
         keep = lpl_mask(alpha, sigma, tau, resolution_scale).nonzero().squeeze(1)[:n]  # LPL's samples
         if len(keep) < n:
-            fail(f"too few draws under --lpl-tau {tau}: raise it or lower --n")
+            fail(f"only {len(keep)} of {50 * n} draws of t fall under the run's τ {tau}: lower --n to {len(keep)}")
         alpha, sigma, t_model = alpha[keep], sigma[keep], t_model[keep]  # (n,) each
         eps = torch.randn_like(z0)  # (n, C, h, w)
     a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
