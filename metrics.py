@@ -328,8 +328,8 @@ def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
     (σ_t/α_t ≤ τ, at training's time distribution): (slope, feature ratio). slope: the regression
     of ẑ0 on z0, Σ ẑ0·z0 / Σ z0·z0. feature ratio: σ(ϕ̂)/σ(ϕ), each decoder feature map's spatial
     std, the geometric mean over samples, channels and layers; the gradient through σ̂ rewards
-    raising it (README, Differences). An estimate shrinks towards the mean where z0 is uncertain,
-    so both sit below 1 for any good model: compare models on one z0, y, t and noise (one seed)."""
+    raising it (README, Differences). An estimate near the conditional mean shrinks towards the
+    mean where z0 is uncertain, so both sit below 1: compare models on one z0, y, t and noise."""
     from lpl import lpl_mask, z0_from_prediction
     from train import ddpm_scheduler, sample_t
     n = len(z0)
@@ -631,7 +631,8 @@ def main(argv=None):
         for path, ck in ckpts:
             if (ck["args"]["vae"], ck["classes"]) != (first["args"]["vae"], first["classes"]):
                 fail(f"{path} was trained on another autoencoder or classes than {args.ckpts[0]}: measure them apart")
-        files = subset(image_files(args.folder), min(args.n, len(image_files(args.folder))), args.seed)
+        files = image_files(args.folder)
+        files = subset(files, min(args.n, len(files)), args.seed)
         names = [os.path.basename(os.path.dirname(f)) for f in files]
         if not set(names) <= set(first["classes"]):
             unknown = ", ".join(sorted(set(names) - set(first["classes"])))
@@ -647,7 +648,8 @@ def main(argv=None):
             model = build_model(ck["model_config"]).eval()
             model.load_state_dict(ck["ema"])
             a = ck["args"]
-            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], z0.shape[-1] / 64, args.seed)
+            res_scale = z0.shape[-1] / 64  # τ is given at 64x64 latents, as train.py scales it
+            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], res_scale, args.seed)
             print(f"ẑ0 / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
                   f"({len(z0)} samples under τ {a['lpl_tau']:g})")
         return
