@@ -234,7 +234,7 @@ def encode_dataset(args, vae, device, ds, classes, cache, latent_shape):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            tqdm.write(f"waiting for another run that is encoding the same data into {cache}")
+            tqdm.write(f"waiting for another run that holds the latent cache {cache} (reading it, or encoding the data)")
             fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(cache):
             try:
