@@ -367,18 +367,13 @@ def read_scores(path):
     return float(fid.group(1)), float(spectrum[-1]) if spectrum else None
 
 
-def seed_table(runs, baseline=None):
-    """Markdown rows, one per arm, over its training seeds: FID and spectrum error as mean ± std
-    (sample std; one seed is shown as it is), s/step (the median over each log, which a paused run
-    does not move) and LPL's mean share. A run directory is named ARM-sSEED and holds train.py's
-    log.jsonl and score.txt (one without it is left out, and named under the table). With a
-    baseline arm, also the paired difference arm − baseline over the seeds both have: runs of one
-    seed share batches, t and noise, so the paired spread is the one a gap must exceed. Of the
-    training loss L_Diff (on those same batches, over the steps both logs have) the paired
-    difference is relative: what an added loss costs the diffusion objective."""
+def read_runs(runs):
+    """Run directories named ARM-sSEED, each with train.py's log.jsonl and score.txt ->
+    ({arm: {seed: (FID, spectrum error, s/step, LPL share, {step: L_Diff})}}, [runs not scored yet]).
+    s/step is the median over the log (a paused run does not move it), the share its mean."""
     import re
     import statistics
-    arms, unscored = {}, []  # arm -> {seed: (fid, spectrum, s/step, share, {step: L_Diff})}
+    arms, unscored = {}, []
     for run in runs:
         if not os.path.isdir(run):
             fail(f"{run!r} is not a run directory (a glob like runs/post-*-s*/ keeps to directories)")
@@ -394,6 +389,18 @@ def seed_table(runs, baseline=None):
         arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.median(r["s_per_step"] for r in log[1:] or log),
                                                  statistics.mean(share) if share else None,
                                                  {r["step"]: r["loss_diff"] for r in log})
+    return arms, unscored
+
+
+def seed_table(arms, unscored=(), baseline=None):
+    """Markdown rows, one per arm of read_runs, over its training seeds: FID and spectrum error as
+    mean ± std (sample std; one seed is shown as it is), s/step and LPL's mean share; the runs not
+    scored yet are named under the table. With a baseline arm, also the paired difference arm −
+    baseline over the seeds both have: runs of one seed share batches, t and noise, so the paired
+    spread is the one a gap must exceed. Of the training loss L_Diff (on those same batches, over
+    the steps both logs have) the paired difference is relative: what an added loss costs the
+    diffusion objective."""
+    import statistics
     if baseline is not None and baseline not in arms:
         fail(f"--baseline {baseline!r} is none of the arms: {', '.join(arms)}")
 
@@ -428,6 +435,34 @@ def seed_table(runs, baseline=None):
                     f" {spread(d_loss, 2, '+')}{'%' if d_loss else ''} |")
         rows.append(row)
     return rows + ([f"(not scored yet, left out: {', '.join(unscored)})"] if unscored else [])
+
+
+def plot_seeds(arms, path):
+    """FID and spectrum error of every run of read_runs: one column per arm, one colour per
+    training seed, the runs of one seed joined by a line (they share batches, t and noise, so a
+    gap is real where the lines agree), and each arm's mean ± std (black) beside its seeds."""
+    import statistics
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(arms), 3.4), dpi=120)
+    seeds = sorted({s for runs in arms.values() for s in runs})
+    for ax, k, name in zip(axes, (0, 1), ("FID", "spectrum error")):
+        for s in seeds:  # colour C<seed>: the same seed has the same colour in every figure
+            xs = [i for i, runs in enumerate(arms.values()) if s in runs]
+            ax.plot(xs, [list(arms.values())[i][s][k] for i in xs], "o-", color=f"C{s % 10}", lw=0.8, ms=5,
+                    alpha=0.8, label=f"training seed {s}")
+        for i, runs in enumerate(arms.values()):
+            v = [r[k] for r in runs.values()]
+            ax.errorbar(i + 0.18, statistics.mean(v), yerr=statistics.stdev(v) if len(v) > 1 else 0,
+                        fmt="_", color="black", ms=10, capsize=3)
+        ax.set_xticks(range(len(arms)), list(arms), rotation=15, fontsize=8)
+        ax.set_xlim(-0.4, len(arms) - 0.4)
+        ax.set_ylabel(f"{name} (lower is better)")
+    axes[0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------ outlier maps (Fig. 13)
@@ -566,6 +601,8 @@ def main(argv=None):
     ta.add_argument("runs", nargs="+", help="run directories, e.g. runs/p17/post-*")
     ta.add_argument("--baseline", default=None, help="an arm, e.g. post-l2: also each arm's difference from "
                     "it at the same training seed (default: none)")
+    ta.add_argument("--plot", default=None, metavar="PNG", help="also plot every run's FID and spectrum error, "
+                    "the runs of one training seed joined (default: no plot)")
     cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share")
     cu.add_argument("logs", nargs="+", help="log.jsonl files; each is labelled by its run directory")
     cu.add_argument("--out", default="curves.png", help="the PNG to write")
@@ -654,7 +691,10 @@ def main(argv=None):
                   f"({len(z0)} samples under τ {a['lpl_tau']:g})")
         return
     if args.metric == "table":
-        print("\n".join(seed_table(args.runs, args.baseline)))
+        arms, unscored = read_runs(args.runs)
+        print("\n".join(seed_table(arms, unscored, args.baseline)))
+        if args.plot:
+            plot_seeds(arms, args.plot)
         return
     if args.metric == "curves":
         logs = {}

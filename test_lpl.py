@@ -1638,7 +1638,9 @@ def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, 
     run("l2-s0", 11.0, 0.6, 2.0)
     run("l2-s1", 11.0, 0.6, 2.0, more=(5, 6))  # steps lpl-s1 has not logged: not compared
     (tmp_path / "l2-s2").mkdir()  # still training: no score.txt yet
-    metrics.main(["table", *(str(p) for p in sorted(tmp_path.iterdir())), "--baseline", "l2"])
+    metrics.main(["table", *(str(p) for p in sorted(tmp_path.iterdir())), "--baseline", "l2",
+                  "--plot", str(tmp_path / "seeds.png")])
+    assert Image.open(tmp_path / "seeds.png").size[0] > 300  # every run, joined by seed (one seed only in lpl)
     *rows, note = capsys.readouterr().out.splitlines()
     assert note == "(not scored yet, left out: l2-s2)"
     cells = {c[0]: c for c in ([c.strip() for c in r.split("|")[1:-1]] for r in rows[2:])}
