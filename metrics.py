@@ -446,16 +446,18 @@ def plot_seeds(arms, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(arms), 3.4), dpi=120)
-    seeds = sorted({s for runs in arms.values() for s in runs})
+    columns = list(arms.values())  # {seed: scores} per arm, in the order given
+    seeds = sorted({s for runs in columns for s in runs})
     for ax, k, name in zip(axes, (0, 1), ("FID", "spectrum error")):
         for s in seeds:  # colour C<seed>: the same seed has the same colour in every figure
-            xs = [i for i, runs in enumerate(arms.values()) if s in runs]
-            ax.plot(xs, [list(arms.values())[i][s][k] for i in xs], "o-", color=f"C{s % 10}", lw=0.8, ms=5,
+            xs = [i for i, runs in enumerate(columns) if s in runs and runs[s][k] is not None]
+            ax.plot(xs, [columns[i][s][k] for i in xs], "o-", color=f"C{s % 10}", lw=0.8, ms=5,
                     alpha=0.8, label=f"training seed {s}")
-        for i, runs in enumerate(arms.values()):
-            v = [r[k] for r in runs.values()]
-            ax.errorbar(i + 0.18, statistics.mean(v), yerr=statistics.stdev(v) if len(v) > 1 else 0,
-                        fmt="_", color="black", ms=10, capsize=3)
+        for i, runs in enumerate(columns):
+            v = [r[k] for r in runs.values() if r[k] is not None]  # a score.txt without a spectrum line
+            if v:
+                ax.errorbar(i + 0.18, statistics.mean(v), yerr=statistics.stdev(v) if len(v) > 1 else 0,
+                            fmt="_", color="black", ms=10, capsize=3)
         ax.set_xticks(range(len(arms)), list(arms), rotation=15, fontsize=8)
         ax.set_xlim(-0.4, len(arms) - 0.4)
         ax.set_ylabel(f"{name} (lower is better)")

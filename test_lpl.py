@@ -1651,6 +1651,10 @@ def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, 
     assert "not named ARM-sSEED" in one_line_error(metrics.main, ["table", str(tmp_path)])
     assert "not a run directory" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0" / "log.jsonl")])
     assert "none of the arms" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0"), "--baseline", "x"])
+    (tmp_path / "l2-s1" / "score.txt").write_text("FID 11.0 (100 samples against ref)\n")  # no spectrum line
+    metrics.main(["table", str(tmp_path / "l2-s0"), str(tmp_path / "l2-s1"), "--plot", str(tmp_path / "s2.png")])
+    assert capsys.readouterr().out.splitlines()[-1].split("|")[5].strip() == "0.600"  # the one spectrum error
+    assert Image.open(tmp_path / "s2.png").size[0] > 300  # plotted without the missing spectrum
     (tmp_path / "l2-s0" / "score.txt").write_text("spectrum error 0.5\n")
     assert "no 'FID ...' line" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0")])
 
