@@ -4,6 +4,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `python train.py` is one rank of one.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -27,4 +28,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def fail(msg):
     """A one-line error for bad input: no traceback, nothing lost. Under torchrun every rank stops;
     rank 0 says why (the ranks check the same things)."""
-    sys.exit(f"error: {msg}" if RANK == 0 else 1)
+    if RANK != 0:
+        # torchrun stops every rank once one exits: a rank that left first could cut rank 0 off before
+        # it printed why. So the others wait; rank 0's exit ends them (the wait is a bound, not a cost).
+        time.sleep(60)
+        sys.exit(1)
+    sys.exit(f"error: {msg}")
