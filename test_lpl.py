@@ -1853,6 +1853,23 @@ def test_torchrun_two_ranks_equal_one_rank_and_resume_exactly(assets, tmp_path):
     assert not (tmp_path / "odd").exists()
 
 
+
+def test_fail_on_a_rank_other_than_0_waits_for_rank_0_to_say_why(monkeypatch, capsys):
+    """torchrun stops every rank once one exits: a rank that left at once could cut rank 0 off before
+    it printed the error (seen in CI). Rank 0 exits with the message; the others wait, then exit 1."""
+    import cli
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(cli, "RANK", 1)
+    with pytest.raises(SystemExit) as e:
+        cli.fail("--batch-size 7 is bad")
+    assert e.value.code == 1 and waits and waits[0] >= 10
+    monkeypatch.setattr(cli, "RANK", 0)
+    waits.clear()
+    with pytest.raises(SystemExit) as e:
+        cli.fail("--batch-size 7 is bad")
+    assert e.value.code == "error: --batch-size 7 is bad" and not waits
+
 # ---------------------------------------------------------------- no silent wrong answer, no lost work, no hang
 def _png16_rgb(path, arr):
     """A 16-bit RGB PNG written by hand (PIL cannot write one): arr (H, W, 3) uint16."""
