@@ -1,0 +1,871 @@
+"""Run a protocol: every training run, score, table and figure of one study, from one command.
+
+    python protocol.py protocols/smoke.py              # minutes on a CPU; CI runs it
+    python protocol.py protocols/cifar10-cpu.py --jobs 2
+    python protocol.py protocols/cifar10-gpu.py --dry-run   # the plain commands, to run by hand
+
+A protocol is a small Python file (protocols/*.py) naming the data, the autoencoder, the base run,
+the post-training arms, the training seeds and the scoring. The driver turns it into stages (the
+autoencoder, the FID reference, each base run, each post-training, each score, the tables and
+figures) and runs those that are not done, and only those:
+
+- Kill it at any moment (SIGKILL included) and give the same command again: an unfinished training
+  run resumes from its checkpoint, a finished stage is never redone. A stage is done when its record
+  in RESULTS/stages/ exists *and* names the same command as the protocol file now gives; a protocol
+  file changed over finished stages is refused in one line (or, with --redo-changed, they re-run).
+- Before any work it prints the plan: every stage, its state (done / at step k / to do) and a
+  projected wall time from timings measured by earlier stages (this machine's first, then the
+  protocol file's own `timings`).
+- --dry-run prints the train.py / sample.py / metrics.py commands it would run, and nothing else.
+- --jobs N runs N independent stages at once: one per GPU (CUDA_VISIBLE_DEVICES), or on a CPU N
+  processes of cores/N threads each (two 1-thread jobs train 1.4x faster than one 2-thread job on 2
+  cores).
+
+Small results go to results/NAME/ (committed: score files, training logs, tables, figures, the
+manifest); checkpoints, samples and data to runs/NAME/ (never committed). A protocol never writes
+outside those two folders.
+"""
+import ast
+import contextlib
+import datetime
+import fcntl
+import functools
+import glob
+import hashlib
+import io
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from cli import HelpFormatter, Parser, fail
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ------------------------------------------------------------------------------ the protocol file
+# Every key a protocol file may set, with its type and what it means. Anything else is refused.
+SCHEMA = {
+    "description": (str, "one paragraph: what the protocol measures and what to expect"),
+    "data": (str, "'toy' (data.py toy, made here) or a folder holding train/ and test/ image folders"),
+    "data_hint": (str, "how to get the data, shown when the folder is missing"),
+    "autoencoder": (str, "'toy' (data.py toy's), 'train_vae' (train_vae.py's recipe, a stage), or a "
+                    "save_pretrained folder / Hub id"),
+    "autoencoder_args": (list, "train_vae.py's arguments beyond --data, --test-data and --out"),
+    "reference": (dict, "FID reference statistics: dict(n=N) training images drawn at random"),
+    "studies": (dict, "name -> dict(base=[train.py args], post=[train.py args of every arm], "
+                "arms={arm: [train.py args]}, seeds=[training seeds], baseline=arm, score_base=bool, "
+                "inflation=bool: metrics.py inflation of every checkpoint)"),
+    "score": (dict, "dict(n=samples, steps=sampler steps, cfg=guidance, seed=sampling seed, "
+              "spectrum_n=reference images for the spectrum error)"),
+    "figures": (bool, "the spectrum and same-noise difference figures of seed 0's arms"),
+    "bench": (list, "bench.py's arguments: a first stage that times the loss (empty: none)"),
+    "threads": (int, "CPU threads per job (default: cores / --jobs)"),
+    "timings": (dict, "measured seconds to project wall time before this machine has measured its "
+                "own: vae_step, ref_image, score_sample, and 'train:MODEL:LOSS' per step"),
+}
+STUDY_KEYS = {"base": list, "post": list, "arms": dict, "seeds": list, "baseline": str, "score_base": bool,
+              "inflation": bool}
+SCORE_KEYS = {"n": int, "steps": int, "cfg": float, "seed": int, "spectrum_n": int}
+# train.py flags the driver sets itself: a protocol giving them would fight the driver.
+DRIVER_FLAGS = ("--data", "--vae", "--run-dir", "--init-from", "--resume", "--seed", "--device")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def load_protocol(path):
+    """The protocol file's settings, checked against SCHEMA and against the scripts' own parsers:
+    one ProtocolError naming the key for anything wrong, before any work."""
+    if not os.path.isfile(path):
+        raise ProtocolError(f"{path!r} is not a file: give a protocol file, e.g. protocols/smoke.py")
+    scope, text = {}, open(path).read()
+    try:
+        tree = ast.parse(text, path)
+    except SyntaxError as e:
+        raise ProtocolError(f"{path}, line {e.lineno} is not Python: {e.msg}")
+    for node in ast.walk(tree):  # a dict literal keeps the last of two equal keys without a word
+        if isinstance(node, ast.Dict):
+            seen = set()
+            for k in node.keys:
+                if isinstance(k, ast.Constant):
+                    if k.value in seen:
+                        raise ProtocolError(f"{path}, line {k.lineno}: {k.value!r} is named twice in one dict")
+                    seen.add(k.value)
+    try:
+        exec(compile(tree, path, "exec"), scope)
+    except Exception as e:
+        line = getattr(e, "lineno", None)
+        raise ProtocolError(f"{path}{f', line {line}' if line else ''} does not run as Python: "
+                            f"{type(e).__name__}: {e}".replace("\n", " "))
+    cfg = {k: v for k, v in scope.items() if not k.startswith("_") and k != "__builtins__"
+           and not isinstance(v, type(os))}
+    for k, v in cfg.items():
+        if k not in SCHEMA:
+            raise ProtocolError(f"{path}: unknown key {k!r}; a protocol sets {', '.join(SCHEMA)}")
+        want = SCHEMA[k][0]
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ProtocolError(f"{path}: {k} must be a {want.__name__}, got {type(v).__name__} {v!r}")
+    for k in ("data", "autoencoder", "studies", "score"):
+        if k not in cfg:
+            raise ProtocolError(f"{path}: {k!r} is missing ({SCHEMA[k][1]})")
+    cfg.setdefault("autoencoder_args", [])
+    cfg.setdefault("reference", {"n": 5000})
+    cfg.setdefault("figures", False)
+    cfg.setdefault("bench", [])
+    cfg.setdefault("timings", {})
+    cfg.setdefault("description", "")
+    cfg["name"] = os.path.splitext(os.path.basename(path))[0]
+    if cfg["autoencoder"] == "train_vae":
+        import train_vae
+        check_script_args(f"{path}: autoencoder_args", "train_vae.py", train_vae.get_args, cfg["autoencoder_args"],
+                          ["--data", "x", "--test-data", "x", "--out", "x"])
+    elif cfg["autoencoder_args"]:
+        raise ProtocolError(f"{path}: autoencoder_args are train_vae.py's, but autoencoder is {cfg['autoencoder']!r}")
+    if cfg["bench"]:
+        import bench
+        check_script_args(f"{path}: bench", "bench.py", bench.get_args, cfg["bench"])
+    if cfg["autoencoder"] == "toy" and cfg["data"] != "toy":
+        raise ProtocolError(f"{path}: autoencoder 'toy' comes with data 'toy' (data.py toy makes both)")
+    if set(cfg["reference"]) != {"n"} or not isinstance(cfg["reference"]["n"], int) or cfg["reference"]["n"] < 2:
+        raise ProtocolError(f"{path}: reference must be dict(n=N) with N >= 2 training images, got {cfg['reference']!r}")
+    for k, t in SCORE_KEYS.items():
+        v = cfg["score"].get(k)
+        if not isinstance(v, (int, float) if t is float else t) or isinstance(v, bool):
+            raise ProtocolError(f"{path}: score[{k!r}] must be a {t.__name__}, got {v!r}")
+    if set(cfg["score"]) - set(SCORE_KEYS):
+        raise ProtocolError(f"{path}: unknown score key(s) {sorted(set(cfg['score']) - set(SCORE_KEYS))}; "
+                            f"score sets {', '.join(SCORE_KEYS)}")
+    if cfg["score"]["n"] < 2 or cfg["score"]["steps"] < 1 or cfg["score"]["spectrum_n"] < 1:
+        raise ProtocolError(f"{path}: score needs n >= 2, steps >= 1 and spectrum_n >= 1, got {cfg['score']!r}")
+    if "threads" in cfg and cfg["threads"] < 1:
+        raise ProtocolError(f"{path}: threads must be >= 1, got {cfg['threads']}")
+    if not cfg["studies"]:
+        raise ProtocolError(f"{path}: studies is empty: name at least one base run")
+    for name, st in cfg["studies"].items():
+        where = f"{path}: studies[{name!r}]"
+        if not isinstance(st, dict):
+            raise ProtocolError(f"{where} must be a dict, got {type(st).__name__}")
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ProtocolError(f"{where}: a study's name is a folder name: letters, digits, - and _")
+        unknown = set(st) - set(STUDY_KEYS)
+        if unknown:
+            raise ProtocolError(f"{where}: unknown key(s) {sorted(unknown)}; a study sets {', '.join(STUDY_KEYS)}")
+        for k, t in STUDY_KEYS.items():
+            if k in st and not isinstance(st[k], t):
+                raise ProtocolError(f"{where}[{k!r}] must be a {t.__name__}, got {type(st[k]).__name__}")
+        if "base" not in st:
+            raise ProtocolError(f"{where}: 'base' is missing (train.py's arguments of the base run)")
+        st.setdefault("post", []), st.setdefault("arms", {}), st.setdefault("seeds", [0])
+        st.setdefault("score_base", not st["arms"])
+        st.setdefault("inflation", False)
+        st.setdefault("baseline", next(iter(st["arms"]), ""))
+        check_train_args(f"{where}['base']", st["base"])
+        check_train_args(f"{where}['post']", st["post"], post=True)
+        for arm, extra in st["arms"].items():
+            if not isinstance(arm, str) or not arm.replace("-", "").replace("_", "").isalnum() or arm == "base":
+                raise ProtocolError(f"{where}: arm {arm!r} must be a folder name (letters, digits, - and _), not 'base'")
+            if not isinstance(extra, list):
+                raise ProtocolError(f"{where}['arms'][{arm!r}] must be a list of train.py arguments")
+            check_train_args(f"{where}['arms'][{arm!r}]", st["post"] + extra, post=True)
+        if len(set(st["seeds"])) != len(st["seeds"]) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                  and 0 <= s < 2 ** 31 for s in st["seeds"]):
+            raise ProtocolError(f"{where}['seeds'] must be distinct integers in [0, 2^31), got {st['seeds']!r}")
+        if st["arms"] and st["baseline"] not in st["arms"]:
+            raise ProtocolError(f"{where}: baseline {st['baseline']!r} is none of the arms {list(st['arms'])}")
+    return cfg
+
+
+def check_script_args(where, script, get_args, args, given=()):
+    """The arguments through the script's own parser and checks (argparse's types and choices, then
+    its range checks), which stop with one line: that line becomes a ProtocolError naming the key."""
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ProtocolError(f"{where} must be a list of strings (command-line arguments), got {args!r}")
+    for a in args:
+        if a.split("=")[0] in DRIVER_FLAGS:
+            raise ProtocolError(f"{where}: {a.split('=')[0]} is set by the driver (data, autoencoder, run folder, "
+                                f"seed, device); drop it")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            return get_args([*given, *args])
+        except SystemExit as e:
+            msg = (str(e.code) if not isinstance(e.code, int) else err.getvalue()).strip().splitlines()
+            raise ProtocolError(f"{where}: {script} would refuse {' '.join(args)!r}: "
+                                f"{msg[-1] if msg else 'exit ' + str(e.code)}")
+
+
+def check_train_args(where, args, post=False):
+    """train.py's arguments of a base run (or, post=True, a post-training from the driver's base)."""
+    import train
+    check_script_args(where, "train.py", train.get_args, args, ["--init-from", "x"] if post else [])
+
+
+# ------------------------------------------------------------------------------ stages
+class Stage:
+    """One unit of work: commands (lists of arguments with {data}, {work}, {results} and {vae}
+    placeholders), the stages it needs, what it leaves for the stages after it (an artifact under
+    runs/) and what it keeps (small files under results/)."""
+
+    def __init__(self, name, kind, cmds, deps=(), artifact=None, keeps=(), units=1, rate=None, capture=None,
+                 train_dir=None, steps=None, scratch=None):
+        self.name, self.kind, self.cmds, self.deps = name, kind, cmds, list(deps)
+        self.artifact = artifact  # a path template under {work}: what later stages read
+        self.keeps = keeps  # (source template, destination under {results}) copied when it finishes
+        self.units, self.rate = units, rate  # work units (steps, images, samples) and the timing key
+        self.capture = capture  # a results file the commands' stdout goes to (scores, tables)
+        self.train_dir, self.steps = train_dir, steps  # a train.py run: resumable
+        self.scratch = scratch  # a folder removed before the stage (re)starts: samples of a killed score
+        self.key = None
+
+
+def build_stages(cfg):
+    """The protocol's stages, in the order they are run when nothing else is ready."""
+    S, sc = [], cfg["score"]
+    add = S.append
+    toy = cfg["data"] == "toy"
+    if toy:
+        add(Stage("data", "data", [["data.py", "toy", "{work}/toy", "--per-class", "32"]], artifact="{work}/toy"))
+    train_data = "{work}/toy/images" if toy else "{data}/train"
+    test_data = "{work}/toy/images" if toy else "{data}/test"
+    data_dep = ["data"] if toy else []
+    if cfg["bench"]:
+        add(Stage("bench", "bench", [["bench.py", *cfg["bench"]]], capture="bench.txt"))
+    vae_dep = data_dep
+    if cfg["autoencoder"] == "train_vae":
+        steps = int(_flag(cfg["autoencoder_args"], "--steps", 3000))
+        add(Stage("vae", "vae", [["train_vae.py", "--data", train_data, "--test-data", test_data, "--out",
+                                  "{work}/vae", *cfg["autoencoder_args"]]], deps=data_dep, artifact="{work}/vae",
+                  keeps=[("{work}/vae/metrics.json", "vae/metrics.json"),
+                         ("{work}/vae/reconstructions.png", "vae/reconstructions.png")],
+                  units=steps, rate="vae_step"))
+        vae, vae_dep = "{work}/vae", data_dep + ["vae"]
+    elif cfg["autoencoder"] == "toy":
+        vae = "{work}/toy/vae"
+    else:
+        vae = cfg["autoencoder"]
+    n_ref = cfg["reference"]["n"]
+    add(Stage("reference", "ref", [["metrics.py", "stats", train_data, f"{{work}}/reference-{n_ref}.npz", "--n",
+                                    str(n_ref)]], deps=data_dep, artifact=f"{{work}}/reference-{n_ref}.npz",
+              units=n_ref, rate="ref_image"))
+
+    def score(name, run, deps):
+        samples = f"{{work}}/samples/{name}"
+        return Stage(f"{name}/score", "score", [
+            ["sample.py", "--ckpt", f"{{work}}/{run}/ckpt.pt", "--n", str(sc["n"]), "--steps", str(sc["steps"]),
+             "--cfg", str(sc["cfg"]), "--seed", str(sc["seed"]), "--out-dir", samples, "--fid", "--fid-ref",
+             f"{{work}}/reference-{n_ref}.npz"],
+            ["metrics.py", "spectrum", samples, train_data, "--n", str(sc["spectrum_n"])]],
+            deps=deps + ["reference"], capture=f"{name}/score.txt", units=sc["n"], rate="score_sample",
+            artifact=samples, scratch=samples)
+
+    def inflation(run):
+        """σ(ϕ̂)/σ(ϕ) and ẑ0/z0 of one checkpoint on LPL's samples: the same images, t and noise for
+        every run of the protocol (metrics.py inflation is seeded)."""
+        return Stage(f"{run}/inflation", "inflation", [["metrics.py", "inflation", test_data, f"{{work}}/{run}/ckpt.pt",
+                                                        "--n", "512"]], deps=[run], capture=f"{run}/inflation.txt", units=0)
+
+    def figures(study, st, seed):
+        """Seed `seed`'s arms from the same noise (grids, and the first two arms' amplified difference)
+        and the spectra of their scored samples against the training images."""
+        arms, work = list(st["arms"]), f"{{work}}/figures/{study}"
+        grids = [f"{work}/{arm}-s{seed}.png" for arm in arms]
+        cmds = [["sample.py", "--ckpt", f"{{work}}/{study}/{arm}-s{seed}/ckpt.pt", "--per-class", "6", "--label-rows",
+                 "--steps", str(sc["steps"]), "--cfg", str(sc["cfg"]), "--seed", str(sc["seed"]), "--out", g]
+                for arm, g in zip(arms, grids)]
+        cmds.append(["metrics.py", "diff", grids[0], grids[min(1, len(grids) - 1)], "--zoom", "1",
+                     "--out", f"{{results}}/{study}/diff.png"])
+        cmds.append(["metrics.py", "spectrum", *[f"{{work}}/samples/{study}/{arm}-s{seed}" for arm in arms],
+                     train_data, "--n", str(sc["spectrum_n"]), "--plot", f"{{results}}/{study}/spectrum.png"])
+        return Stage(f"{study}/figures", "figures", cmds, deps=[f"{study}/{a}-s{seed}{x}" for a in arms for x in ("", "/score")],
+                     capture=f"{study}/figures.txt", units=0, scratch=work)
+
+    for study, st in cfg["studies"].items():
+        base_args = ["--data", train_data, "--vae", vae, *st["base"]]
+        steps = int(_flag(st["base"], "--steps", 50000))
+        add(Stage(f"{study}/base", "train", [["train.py", *base_args, "--run-dir", f"{{work}}/{study}/base"]],
+                  deps=vae_dep, artifact=f"{{work}}/{study}/base", train_dir=f"{{work}}/{study}/base", steps=steps,
+                  keeps=[(f"{{work}}/{study}/base/log.jsonl", f"{study}/base/log.jsonl")], units=steps,
+                  rate=train_rate(st["base"], st["base"])))
+        if st["score_base"]:
+            add(score(f"{study}/base", f"{study}/base", [f"{study}/base"]))
+        if st["inflation"]:
+            add(inflation(f"{study}/base"))
+        for seed in st["seeds"]:
+            for arm, extra in st["arms"].items():
+                run = f"{study}/{arm}-s{seed}"
+                args = ["--init-from", f"{{work}}/{study}/base/ckpt.pt", *st["post"], *extra, "--seed", str(seed)]
+                steps = int(_flag(st["post"] + extra, "--steps", 50000))
+                add(Stage(run, "train", [["train.py", *args, "--run-dir", f"{{work}}/{run}"]], deps=[f"{study}/base"],
+                          artifact=f"{{work}}/{run}", train_dir=f"{{work}}/{run}", steps=steps,
+                          keeps=[(f"{{work}}/{run}/log.jsonl", f"{run}/log.jsonl")], units=steps,
+                          rate=train_rate(st["base"], st["post"] + extra)))
+                add(score(run, run, [run]))
+                if st["inflation"]:
+                    add(inflation(run))
+            if cfg["figures"] and seed == st["seeds"][0]:  # while seed 0's checkpoints and samples are at hand
+                add(figures(study, st, seed))
+        if st["arms"]:
+            runs = [f"{{results}}/{study}/{arm}-s{seed}" for arm in st["arms"] for seed in st["seeds"]]
+            add(Stage(f"{study}/table", "table", [["metrics.py", "table", *runs, "--baseline", st["baseline"],
+                                                   "--plot", f"{{results}}/{study}/seeds.png"]],
+                      deps=[f"{study}/{a}-s{s}/score" for a in st["arms"] for s in st["seeds"]],
+                      capture=f"{study}/table.md", units=0))
+    names = [s.name for s in S]
+    assert len(names) == len(set(names)), names
+    by_name = {s.name: s for s in S}
+    for s in S:  # a stage's key: its own commands and the keys of what it reads
+        s.key = hashlib.sha256(json.dumps([s.cmds, [by_name[d].key for d in s.deps]]).encode()).hexdigest()[:16]
+    return S
+
+
+def _flag(args, flag, default):
+    """The value of the last `flag` in an argument list (train.py's --steps etc.), or default."""
+    value = default
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def train_rate(base, args):
+    """The timing key of a training run: its model and whether it decodes (LPL, RGB)."""
+    return f"train:{_flag(base, '--model', 'DiT-S/2')}:{_flag(args, '--loss', 'l2')}"
+
+
+# ------------------------------------------------------------------------------ state on disk
+class Paths:
+    def __init__(self, cfg, work, results, data):
+        self.work, self.results, self.data = work, results, data
+        self.stages = os.path.join(results, "stages")
+
+    def fill(self, template):
+        """A template's path, relative to the repository when it lies inside it (the commands run there)."""
+        out = (template.replace("{work}", self.work).replace("{results}", self.results)
+               .replace("{data}", self.data or ""))
+        return os.path.relpath(out, HERE) if out.startswith(HERE + os.sep) else out
+
+    def record(self, stage):
+        return os.path.join(self.stages, stage.name.replace("/", "__") + ".json")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomic(path, text):
+    """Write text to a temporary name beside path and rename it: a reader sees all of it or none."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_atomic(src, dst):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def artifact_hash(path):
+    """A fingerprint of what a stage left for later stages: the weights, not file dates or paths.
+    A checkpoint is fingerprinted by its EMA weights, an autoencoder folder by its weight files,
+    anything else by its bytes."""
+    if path is None or not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
+        import torch
+        ema = torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu", weights_only=False)["ema"]
+        for k in sorted(ema):
+            h.update(k.encode()), h.update(ema[k].contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if os.path.isfile(f) and f.endswith((".safetensors", ".bin", ".json", ".npz", ".png"))
+                   and not f.endswith("metrics.json")) if os.path.isdir(path) else [path]
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() if os.path.isdir(path) else b"")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def train_progress(run_dir):
+    """(step of the last checkpoint, median s/step of the log) of a train.py run folder."""
+    step, rates = 0, []
+    log = os.path.join(run_dir, "log.jsonl")
+    if os.path.exists(log):
+        for line in open(log):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                rates.append(row["s_per_step"])
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        import torch
+        step = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["step"]
+    return step, statistics.median(rates[1:] or rates) if rates else None
+
+
+def vae_step(folder):
+    """The step of train_vae.py's last training state in folder (0 if none)."""
+    path = os.path.join(folder, "train-state.pt")
+    if not os.path.exists(path):
+        return 0
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=False)["step"]
+
+
+def host():
+    """What the timings were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = None
+    with contextlib.suppress(Exception):
+        import torch
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    return gpu or cpu
+
+
+# ------------------------------------------------------------------------------ the driver
+class Driver:
+    def __init__(self, cfg, paths, jobs, device=None, out=functools.partial(print, flush=True)):
+        self.cfg, self.paths, self.jobs, self.device, self.say = cfg, paths, jobs, device, out
+        self.stages = build_stages(cfg)
+        self.by_name = {s.name: s for s in self.stages}
+        self.host = host()
+
+    # -------------------------------------------------------------- what is done
+    def record(self, stage):
+        return read_json(self.paths.record(stage))
+
+    def done(self, stage):
+        rec = self.record(stage)
+        return rec is not None and rec.get("key") == stage.key
+
+    def artifact_ready(self, stage):
+        """Done, and what it left for later stages is still here (a new machine has lost it)."""
+        return self.done(stage) and (stage.artifact is None or os.path.exists(self.paths.fill(stage.artifact)))
+
+    def changed(self):
+        """Stages finished under another command than the protocol now gives."""
+        out = []
+        for s in self.stages:
+            rec = self.record(s)
+            if rec is not None and rec.get("key") != s.key:
+                out.append((s, rec))
+        return out
+
+    def needed(self):
+        """The stages to run: every stage not done, and what they need that is not at hand, in order."""
+        need = set()
+
+        def want(s):
+            if s.name in need:
+                return
+            need.add(s.name)
+            for d in s.deps:
+                dep = self.by_name[d]
+                if not self.artifact_ready(dep):
+                    want(dep)
+        for s in self.stages:
+            if not self.done(s):
+                want(s)
+        return [s for s in self.stages if s.name in need]
+
+    def inputs_of(self, stage):
+        """The fingerprints of what a stage reads, as the finished stages recorded them."""
+        return {d: (self.record(self.by_name[d]) or {}).get("artifact_hash") for d in stage.deps}
+
+    def check_pairing(self, stage):
+        """A stage must read the same base model, autoencoder and reference as its finished siblings:
+        on a new machine a re-made base can differ in its last bits, and pairing runs by seed then
+        compares runs of two base models."""
+        for d in stage.deps:
+            now = (self.record(self.by_name[d]) or {}).get("artifact_hash")
+            for other in self.stages:
+                rec = self.record(other)
+                if other is stage or not rec or d not in rec.get("inputs", {}):
+                    continue
+                was = rec["inputs"][d]
+                if now and was and now != was:
+                    return (f"{d} was re-made here and differs from the one {other.name} used (fingerprint {now} "
+                            f"against {was}): finishing on it would pair runs of two different {d}s. "
+                            f"Run again with --redo-changed to redo the stages that read it, or restore it")
+        return None
+
+    # -------------------------------------------------------------- the plan
+    def rates(self):
+        """Seconds per unit of each timing key: measured here (finished stages' records and runs in
+        progress), else measured elsewhere (records), else the protocol file's timings."""
+        here, elsewhere = {}, {}
+        for s in self.stages:
+            rec = self.record(s)
+            if rec and rec.get("units") and s.rate:
+                (here if rec.get("host") == self.host else elsewhere).setdefault(s.rate, []).append(
+                    rec["seconds"] / rec["units"])
+        out = {k: (v, "protocol file") for k, v in self.cfg["timings"].items()}
+        out.update({k: (statistics.median(v), "measured elsewhere") for k, v in elsewhere.items()})
+        out.update({k: (statistics.median(v), "measured here") for k, v in here.items()})
+        return out
+
+    def state(self, stage):
+        """('done' | 'at step k' | 'to do', units left)."""
+        if self.done(stage):
+            if stage.artifact and not os.path.exists(self.paths.fill(stage.artifact)):
+                return "done (its output is gone: re-made if a later stage needs it)", stage.units
+            return "done", 0
+        if stage.train_dir:
+            d = self.paths.fill(stage.train_dir)
+            if os.path.exists(os.path.join(d, "ckpt.pt")):
+                step, _ = train_progress(d)
+                return f"at step {step} of {stage.steps}", stage.steps - step
+        if stage.kind == "vae" and vae_step(self.paths.fill(stage.artifact)):
+            step = vae_step(self.paths.fill(stage.artifact))
+            return f"at step {step} of {stage.units}", stage.units - step
+        return "to do", stage.units
+
+    def plan(self):
+        need = self.needed()
+        rates, lines, seconds = self.rates(), [], {}
+        unknown = False
+        for s in self.stages:
+            st, left = self.state(s)
+            if s in need and st.startswith("done"):
+                st, left = "to re-make (a later stage needs it)", s.units
+            eta = ""
+            if s in need:
+                r = rates.get(s.rate)
+                seconds[s.name] = left * r[0] if left and s.rate and r else 0.0
+                if left and s.rate and r:
+                    eta = f"~{fmt_time(left * r[0])}"
+                elif left and s.rate:
+                    unknown, eta = True, "time unknown"
+            lines.append(f"  {s.name:<28} {st:<34} {eta}")
+        head = (f"protocol {self.cfg['name']}: {len(self.stages) - len(need)}/{len(self.stages)} stages done, "
+                f"{len(need)} to run with {self.jobs} job(s) on {self.host}")
+        sources = sorted({r[1] for r in rates.values()})
+        total = schedule(need, seconds, self.jobs)
+        tail = (f"projected: {fmt_time(total)} of wall time"
+                f"{' at least (no timing for some stages yet)' if unknown else ''}"
+                f" ({', '.join(sources) or 'nothing measured yet'}; {self.jobs} job(s) side by side)")
+        return [head, *lines, tail], need
+
+    # -------------------------------------------------------------- running
+    def commands(self, stage):
+        """The shell commands of a stage, as a reader would type them (resuming where it stopped)."""
+        out = []
+        if stage.scratch and os.path.exists(self.paths.fill(stage.scratch)):
+            out.append(f"rm -rf {shlex.quote(self.paths.fill(stage.scratch))}")
+        for i, cmd in enumerate(self.argv(stage)):
+            line = shlex.join(["python", *cmd])
+            if stage.capture:
+                line += f" {'>>' if i else '>'} {shlex.quote(self.paths.fill(os.path.join(self.paths.results, stage.capture)))}"
+            out.append(line)
+        return out
+
+    def argv(self, stage):
+        cmds = [[self.paths.fill(a) for a in cmd] for cmd in stage.cmds]
+        if self.device:  # where the work runs is no part of what it is (not in the stage's key)
+            cmds = [c + ["--device", self.device] if c[0] in ("train.py", "sample.py", "bench.py")
+                    or c[:2] == ["metrics.py", "stats"] else c for c in cmds]
+        if stage.train_dir:  # a run with a checkpoint continues it
+            d = self.paths.fill(stage.train_dir)
+            if os.path.exists(os.path.join(d, "ckpt.pt")):
+                step, _ = train_progress(d)
+                cmds = [] if step >= stage.steps else [["train.py", "--resume", d, "--steps", str(stage.steps)]
+                                                        + (["--device", self.device] if self.device else [])]
+        if stage.kind == "vae" and os.path.exists(os.path.join(self.paths.fill(stage.artifact), "train-state.pt")):
+            cmds = [cmds[0] + ["--resume"]]
+        return cmds
+
+    def launch(self, stage, slot, threads, gpus):
+        """Start a stage's commands in one child shell; its output goes to runs/NAME/logs/STAGE.log."""
+        if stage.scratch:
+            shutil.rmtree(self.paths.fill(stage.scratch), ignore_errors=True)
+            if stage.kind == "figures":
+                os.makedirs(self.paths.fill(stage.scratch), exist_ok=True)
+        log = os.path.join(self.paths.work, "logs", stage.name.replace("/", "__") + ".log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        capture = None
+        if stage.capture:
+            capture = os.path.join(self.paths.work, "capture", stage.name.replace("/", "__") + ".txt")
+            os.makedirs(os.path.dirname(capture), exist_ok=True)
+        env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
+        else:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        lines = []
+        for cmd in self.argv(stage):
+            line = shlex.join([sys.executable, *cmd])
+            lines.append(line + (f" >> {shlex.quote(capture)}" if capture else ""))
+        script = "set -e\n" + (f": > {shlex.quote(capture)}\n" if capture else "") + "\n".join(lines) + "\n"
+        with open(log, "a") as f:
+            f.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {stage.name}\n{script}")
+        logf = open(log, "a")
+        proc = subprocess.Popen(["bash", "-c", script], cwd=HERE, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent, start_new_session=True)
+        return dict(proc=proc, stage=stage, start=time.time(), log=log, capture=capture, logf=logf)
+
+    def finish(self, job):
+        """A stage that exited 0: keep its small outputs under results/ and write its record."""
+        stage, p = job["stage"], self.paths
+        for src, dst in stage.keeps:
+            copy_atomic(p.fill(src), os.path.join(p.results, dst))
+        if job["capture"]:
+            write_atomic(os.path.join(p.results, stage.capture), open(job["capture"]).read())
+        seconds = time.time() - job["start"]
+        units = stage.units
+        if stage.train_dir:  # the seconds of this segment, per step it trained
+            units = stage.steps - job.get("from_step", 0)
+        rec = dict(stage=stage.name, key=stage.key, commands=[shlex.join(["python", *c]) for c in stage.cmds],
+                   inputs=self.inputs_of(stage), artifact_hash=artifact_hash(p.fill(stage.artifact)) if stage.artifact else None,
+                   seconds=round(seconds, 1), units=units, host=self.host, threads=job["threads"],
+                   finished=datetime.datetime.now().isoformat(timespec="seconds"))
+        write_atomic(p.record(stage), json.dumps(rec, indent=1) + "\n")
+
+    def run(self):
+        need = self.needed()
+        gpus = cuda_devices()
+        threads = self.cfg.get("threads") or max(1, (os.cpu_count() or 1) // self.jobs)
+        running, failed, t0 = [], None, time.time()
+        todo = list(need)
+        finished = 0
+
+        def ready(s):
+            return all(self.artifact_ready(self.by_name[d]) for d in s.deps)
+        last_line = 0.0
+        while todo or running:
+            for job in list(running):
+                rc = job["proc"].poll()
+                if rc is None:
+                    continue
+                job["logf"].close()
+                running.remove(job)
+                if rc == 0:
+                    self.finish(job)
+                    finished += 1
+                    self.say(f"[{fmt_time(time.time() - t0)}] done: {job['stage'].name} "
+                             f"({fmt_time(time.time() - job['start'])})")
+                    self.manifest()
+                else:
+                    failed = failed or (job["stage"], rc, job["log"])
+            if failed:
+                break
+            while todo and len(running) < self.jobs:
+                s = next((s for s in todo if ready(s)), None)
+                if s is None:
+                    break
+                problem = self.check_pairing(s)
+                if problem:
+                    failed = (s, None, problem)
+                    break
+                todo.remove(s)
+                from_step = 0
+                if s.train_dir and os.path.exists(os.path.join(self.paths.fill(s.train_dir), "ckpt.pt")):
+                    from_step = train_progress(self.paths.fill(s.train_dir))[0]
+                job = self.launch(s, len(running), threads, gpus)
+                job.update(threads=threads, from_step=from_step)
+                running.append(job)
+                self.say(f"[{fmt_time(time.time() - t0)}] start: {s.name}"
+                         + (f" (from step {from_step})" if from_step else "") + f"  log: {job['log']}")
+            if failed:
+                break
+            if not running and todo:  # nothing can start: a dependency failed to appear
+                failed = (todo[0], None, f"{todo[0].name} needs {', '.join(todo[0].deps)}, which did not finish")
+                break
+            if time.time() - last_line > 300 and running:
+                last_line = time.time()
+                self.say(f"[{fmt_time(time.time() - t0)}] {finished}/{len(need)} finished; running: "
+                         + ", ".join(self.progress(j) for j in running) + f"; {self.eta()}")
+            time.sleep(0.5)
+        for job in running:  # a failure stops the others where their checkpoints are
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job["proc"].pid, signal.SIGTERM)
+            job["proc"].wait()
+        if failed:
+            stage, rc, info = failed
+            if rc is None:
+                fail(info)
+            last = tail_line(info)
+            fail(f"stage {stage.name} failed (exit {rc}): {last} (full log: {info}); fix it and run the same "
+                 f"command again: finished stages are kept")
+
+    def eta(self):
+        """The projected wall time of what is left, as the plan computes it."""
+        lines, _ = self.plan()
+        return lines[-1].replace("projected: ", "left: ")
+
+    def progress(self, job):
+        s = job["stage"]
+        if s.train_dir:
+            step = None
+            with contextlib.suppress(Exception):
+                rows = [json.loads(r) for r in open(os.path.join(self.paths.fill(s.train_dir), "log.jsonl"))]
+                step = rows[-1]["step"]
+            return f"{s.name} (step {step or 0}/{s.steps})"
+        if s.kind == "vae":
+            step = vae_step(self.paths.fill(s.artifact))
+            return f"{s.name} (step {step}/{s.units}, {fmt_time(time.time() - job['start'])})"
+        return f"{s.name} ({fmt_time(time.time() - job['start'])})"
+
+    def manifest(self):
+        """results/NAME/manifest.json: what made these results (commit, protocol file, versions) and
+        each stage's record."""
+        p = self.paths
+        recs = [self.record(s) for s in self.stages]
+        versions = {}
+        for mod in ("torch", "diffusers", "torchvision"):
+            with contextlib.suppress(Exception):
+                versions[mod] = __import__(mod).__version__
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True).stdout.strip())
+        text = json.dumps(dict(protocol=self.cfg["name"], protocol_sha256=self.cfg["sha256"],
+                               commit=commit, uncommitted_changes=dirty, versions=versions, python=platform.python_version(),
+                               stages={s.name: (dict(state="done", host=r["host"], seconds=r["seconds"], threads=r.get("threads"),
+                                                     finished=r["finished"]) if r and r.get("key") == s.key else dict(state="to do"))
+                                       for s, r in zip(self.stages, recs)}), indent=1)
+        write_atomic(os.path.join(p.results, "manifest.json"), text + "\n")
+
+
+def schedule(stages, seconds, jobs):
+    """The wall time of running the stages on `jobs` slots in the driver's order, each as soon as a
+    slot is free and what it needs has finished (what is not being run counts as finished)."""
+    names = {s.name for s in stages}
+    end, free, todo = {}, [0.0] * jobs, list(stages)
+    while todo:
+        free.sort()
+        s = next((s for s in todo if all(d not in names or d in end for d in s.deps)), todo[0])
+        todo.remove(s)
+        start = max([free[0]] + [end.get(d, 0.0) for d in s.deps])
+        end[s.name] = free[0] = start + seconds.get(s.name, 0.0)
+    return max(end.values(), default=0.0)
+
+
+def die_with_parent():
+    """Children die with the driver (SIGKILL included): a killed driver leaves no stage running
+    behind it, so the next driver can resume that stage."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def cuda_devices():
+    try:
+        import torch
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    except Exception:
+        return []
+
+
+def tail_line(path):
+    with contextlib.suppress(OSError):
+        lines = [ln.strip() for ln in open(path) if ln.strip()]
+        return lines[-1] if lines else "(no output)"
+    return "(no log)"
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------ command line
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("protocol", help="a protocol file, e.g. protocols/smoke.py")
+    a("--jobs", type=int, default=1, help="stages run at once: GPUs, or CPU processes of cores/jobs threads")
+    a("--dry-run", action="store_true", help="print the plan and the commands of every stage to run, run nothing")
+    a("--work", default=None, help="checkpoints, samples and data (never committed); default: runs/NAME")
+    a("--results", default=None, help="scores, logs, tables, figures (committed); default: results/NAME")
+    a("--data", default=None, help="override the protocol's data folder (e.g. where CIFAR-10 lies on this machine)")
+    a("--device", default=None, help="cpu, cuda or cuda:N for every stage (default: each script's own: "
+      "cuda if there is one, else cpu)")
+    a("--redo-changed", action="store_true", help="re-run the finished stages the protocol file now gives "
+      "another command for (default: refuse)")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--dry-run | head` ends quietly
+    if args.jobs < 1:
+        fail(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        cfg = load_protocol(args.protocol)
+    except ProtocolError as e:
+        fail(str(e))
+    cfg["sha256"] = hashlib.sha256(open(args.protocol, "rb").read()).hexdigest()[:16]
+    name = cfg["name"]
+    work = os.path.abspath(args.work or os.path.join(HERE, "runs", name))
+    results = os.path.abspath(args.results or os.path.join(HERE, "results", name))
+    data = None if cfg["data"] == "toy" else os.path.abspath(args.data or os.path.join(HERE, cfg["data"])
+                                                              if not os.path.isabs(args.data or cfg["data"]) else args.data or cfg["data"])
+    paths = Paths(cfg, work, results, data)
+    if args.device:
+        from train import pick_device
+        pick_device(args.device)  # one line now if this machine has no such device
+    driver = Driver(cfg, paths, args.jobs, args.device)
+    changed = driver.changed()
+    if changed and not args.redo_changed:
+        names = ", ".join(s.name for s, _ in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        fail(f"{args.protocol} changed since {names} finished under other commands (recorded in {paths.stages}): "
+             f"restore the file, or give --redo-changed to run them again")
+    lines, need = driver.plan()
+    print("\n".join(lines))
+    if args.dry_run:
+        print("\n# the commands, in order (each stage's output is kept by the driver as shown)")
+        for s in need:
+            print(f"# {s.name}")
+            print("\n".join(driver.commands(s)))
+        return
+    if not need:
+        print(f"nothing to do: every stage is done; results in {results}")
+        return
+    if data and not os.path.isdir(os.path.join(data, "train")):
+        fail(f"the data folder {data}/train does not exist: {cfg.get('data_hint') or 'give --data FOLDER'}")
+    for d in (work, results):
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create {d} ({e.strerror})")
+    locks = []
+    for d in (results, work):  # one driver per results folder and per work folder
+        locks.append(open(os.path.join(d, ".lock"), "w"))
+        try:
+            fcntl.flock(locks[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"another protocol.py is running on {d}; wait for it (or stop it) and run again")
+    for s, _ in changed:  # --redo-changed: their old records go; their outputs are made again
+        os.remove(paths.record(s))
+        if s.train_dir:
+            shutil.rmtree(paths.fill(s.train_dir), ignore_errors=True)
+    os.makedirs(paths.stages, exist_ok=True)
+    try:
+        driver.run()
+    except KeyboardInterrupt:
+        fail("interrupted; finished stages are kept and unfinished runs resume: run the same command again")
+    print(f"done: results in {results}")
+
+
+if __name__ == "__main__":
+    main()

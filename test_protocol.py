@@ -1,0 +1,248 @@
+"""Tests of protocol.py, the driver that runs a protocol file: resumes after SIGKILL without redoing
+work, refuses bad or changed protocol files and a second driver in one line, and its dry run prints
+the plain commands. They run the real smoke protocol (toy data, a few minutes on 2 CPU cores)."""
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import protocol
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def drive(tmp, proto="protocols/smoke.py", *extra, wait=True, **kw):
+    """protocol.py as a user runs it, with its work and results folders under tmp."""
+    cmd = [sys.executable, "protocol.py", proto, "--work", str(tmp / "runs"), "--results", str(tmp / "results"), *extra]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=kw.get("timeout", 900))
+
+
+def one_line_failure(res):
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    return lines[0]
+
+
+def records(results):
+    return {p: json.load(open(os.path.join(results, "stages", p))) for p in os.listdir(os.path.join(results, "stages"))}
+
+
+def scores(results):
+    """Every number the smoke protocol produces that must not depend on interruptions: FID and spectrum
+    lines of each score, and the seed table without its timing column."""
+    out = {}
+    for root, _, files in os.walk(results):
+        for f in files:
+            path = os.path.join(root, f)
+            rel = os.path.relpath(path, results)
+            if f == "score.txt":
+                out[rel] = re.findall(r"^(?:FID|spectrum error) [\d.]+", open(path).read(), re.M)
+            elif f == "table.md":
+                out[rel] = [re.sub(r"\| [\d.]+ \| ([\d.]*) \|", r"| s | \1 |", row, count=1) for row in open(path)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The smoke protocol run once without interruption."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    before = tracked_files()
+    res = drive(tmp, "protocols/smoke.py", "--jobs", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert tracked_files() == before, "the protocol wrote into the repository's own files"
+    return tmp
+
+
+def tracked_files():
+    files = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    return {f: os.stat(os.path.join(HERE, f)).st_mtime_ns for f in files if os.path.exists(os.path.join(HERE, f))}
+
+
+def test_smoke_writes_tables_figures_and_manifest(finished):
+    res = finished / "results"
+    for f in ("eps/table.md", "eps/seeds.png", "eps/spectrum.png", "eps/diff.png", "manifest.json",
+              "eps/l2-s0/score.txt", "eps/lpl-s1/log.jsonl", "eps/base/log.jsonl"):
+        assert (res / f).exists(), f
+    table = (res / "eps/table.md").read_text()
+    assert "| l2 | 0, 1 |" in table and "| lpl | 0, 1 |" in table and "FID − l2, same seed" in table
+    manifest = json.load(open(res / "manifest.json"))
+    assert manifest["protocol"] == "smoke" and manifest["versions"]["torch"]
+    assert all(s["state"] == "done" and s["seconds"] >= 0 for s in manifest["stages"].values())
+    again = drive(finished)  # done is done: nothing runs
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run_and_redoes_nothing(finished, tmp_path):
+    proc = drive(tmp_path, "protocols/smoke.py", "--jobs", "2", wait=False)
+    ckpt, rec = tmp_path / "runs/eps/l2-s0/ckpt.pt", tmp_path / "results/stages/eps__l2-s0.json"
+    deadline = time.time() + 600
+    while not (ckpt.exists() and not rec.exists()):  # a post-training between its first checkpoint and its end
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL to the driver alone: its stages die with it
+    proc.wait()
+    time.sleep(1)
+    busy = subprocess.run(["pgrep", "-f", str(tmp_path / "runs")], capture_output=True, text=True).stdout
+    assert busy == "", "a stage outlived the killed driver"
+    before = records(tmp_path / "results")
+    for stage in before.values():  # nothing half written: every kept file has its record
+        assert stage["key"]
+    assert not (tmp_path / "results/eps/l2-s0/score.txt").exists()
+    res = drive(tmp_path, "protocols/smoke.py", "--jobs", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"start: eps/l2-s0 \(from step [1-9]", res.stdout), res.stdout  # resumed, not restarted
+    after = records(tmp_path / "results")
+    for name, stage in before.items():  # no finished stage was redone
+        assert after[name]["finished"] == stage["finished"], name
+    assert scores(tmp_path / "results") == scores(finished / "results")
+
+
+def test_dry_run_prints_plain_commands_and_does_nothing(tmp_path):
+    res = drive(tmp_path, "protocols/cifar10-gpu.py", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "python train.py --data" in out and "--model DiT-S/2" in out and "--vae stabilityai/sd-vae-ft-ema" in out
+    assert "--init-from" in out and "--loss lpl" in out and "python sample.py --ckpt" in out
+    assert "python metrics.py stats" in out and "python metrics.py table" in out
+    assert "projected:" in out and not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_gpu_smoke_runs_on_cpu(tmp_path):
+    res = drive(tmp_path, "protocols/gpu-smoke.py", "--device", "cpu", "--jobs", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    bench = (tmp_path / "results/bench.txt").read_text()
+    assert "step time" in bench.lower() or "ratio" in bench.lower(), bench
+    score = (tmp_path / "results/lpl/base/score.txt").read_text()
+    assert re.search(r"^FID [\d.]+", score, re.M)
+    log = [json.loads(r) for r in open(tmp_path / "results/lpl/base/log.jsonl")]
+    assert log[-1]["step"] == 200 and all("loss_lpl" in r for r in log)
+
+
+BAD = {
+    "an unknown key": "stuides = {}",
+    "a wrong type": "studies = ['eps']",
+    "a flag train.py lacks": "studies['eps']['post'] = ['--no-such-flag', '1']",
+    "a flag the driver sets": "studies['eps']['post'] = studies['eps']['post'] + ['--seed', '3']",
+    "a value train.py refuses": "studies['eps']['base'] = ['--model', 'DiT-XXL/2']",
+    "an arm named twice": "studies['eps']['arms'] = {'l2': ['--loss', 'l2'], 'l2': ['--loss', 'lpl']}",
+    "a baseline that is no arm": "studies['eps']['baseline'] = 'ema'",
+    "seeds named twice": "studies['eps']['seeds'] = [0, 0]",
+    "a bad score": "score = dict(n=1, steps=5, cfg=1.5, seed=0, spectrum_n=4)",
+    "a score key missing": "score = dict(n=8)",
+    "an unknown study key": "studies['eps']['seed'] = [0]",
+    "Python that fails": "raise RuntimeError('oops')",
+    "a syntax error": "studies = {",
+    "a study name with a slash": "studies['a/b'] = studies.pop('eps')",
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_protocol_files_are_one_line_before_any_work(tmp_path, case):
+    text = open(os.path.join(HERE, "protocols/smoke.py")).read() + "\n" + BAD[case] + "\n"
+    bad = tmp_path / "bad.py"
+    bad.write_text(text)
+    msg = one_line_failure(drive(tmp_path, str(bad)))
+    assert "bad.py" in msg, msg
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_changed_protocol_over_finished_runs_is_refused_in_one_line(finished, tmp_path):
+    shutil.copytree(finished / "results", tmp_path / "results")
+    text = open(os.path.join(HERE, "protocols/smoke.py")).read().replace('"--steps", "20"', '"--steps", "25"')
+    (tmp_path / "smoke.py").write_text(text)
+    before = records(tmp_path / "results")
+    msg = one_line_failure(drive(tmp_path, str(tmp_path / "smoke.py")))
+    assert "eps/l2-s0" in msg and "--redo-changed" in msg, msg
+    assert records(tmp_path / "results") == before
+    plan = drive(tmp_path, str(tmp_path / "smoke.py"), "--dry-run", "--redo-changed")
+    assert plan.returncode == 0 and "eps/l2-s0" in plan.stdout and "--steps 25" in plan.stdout, plan.stderr
+
+
+def test_two_drivers_on_one_results_folder(tmp_path):
+    (tmp_path / "results").mkdir()
+    with open(tmp_path / "results/.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        msg = one_line_failure(drive(tmp_path))
+    assert "another protocol.py" in msg
+
+
+def test_a_remade_base_is_not_paired_with_runs_of_the_old_one(finished, tmp_path):
+    """On a new machine a re-made base model can differ in its last bits; the runs still to do would
+    then be paired by seed with runs of another base. The driver refuses, naming both."""
+    shutil.copytree(finished / "results", tmp_path / "results")
+    shutil.copytree(finished / "runs", tmp_path / "runs")
+    stages = tmp_path / "results/stages"
+    (stages / "eps__lpl-s1.json").unlink()  # one run left to do
+    base = json.load(open(stages / "eps__base.json"))
+    base["artifact_hash"] = "0" * 16  # the base as re-made here
+    (stages / "eps__base.json").write_text(json.dumps(base))
+    msg = one_line_failure(drive(tmp_path))
+    assert "eps/base" in msg and "differs" in msg, msg
+
+
+def test_stage_keys_follow_commands_not_paths():
+    cfg = protocol.load_protocol(os.path.join(HERE, "protocols/smoke.py"))
+    a = {s.name: s.key for s in protocol.build_stages(cfg)}
+    cfg["studies"]["eps"]["post"] = cfg["studies"]["eps"]["post"] + ["--lr", "2e-4"]
+    b = {s.name: s.key for s in protocol.build_stages(cfg)}
+    assert a["eps/base"] == b["eps/base"] and a["reference"] == b["reference"]
+    assert a["eps/l2-s0"] != b["eps/l2-s0"] and a["eps/l2-s0/score"] != b["eps/l2-s0/score"]  # and what reads it
+    assert a["eps/table"] != b["eps/table"]
+
+
+def test_schedule_projects_jobs_side_by_side():
+    S = protocol.Stage
+    stages = [S("a", "x", []), S("b", "x", []), S("c", "x", [], deps=["a"]), S("d", "x", [], deps=["a", "b"])]
+    secs = dict(a=10, b=4, c=5, d=1)
+    assert protocol.schedule(stages, secs, 1) == 20
+    assert protocol.schedule(stages, secs, 2) == 15  # a | b, then c after a; d after a and b
+
+
+def readme_results():
+    text = open(os.path.join(HERE, "README.md")).read()
+    return text[text.index("\n## Results\n"):text.index("\n## The paper, equation by equation")]
+
+
+def test_readme_tables_are_the_results_files(capsys):
+    """Every table in the README's Results is the output of the command in the comment above it,
+    on committed files: no number typed by hand. A table without such a comment fails."""
+    import glob
+    import metrics
+    lines = readme_results().splitlines()
+    checked = 0
+    for i, line in enumerate(lines):
+        if not line.startswith("|") or (i and lines[i - 1].startswith("|")):
+            continue  # not the first row of a table
+        header = lines[i - 1] if i else ""
+        if line.startswith("| protocol |") or "![](" in lines[i + 2]:
+            continue  # the list of protocols and the figure layout hold no results
+        m = re.fullmatch(r"<!-- table: python metrics.py table (.+) -->", header)
+        assert m, f"the Results table at '{line[:60]}' has no '<!-- table: ... -->' command above it"
+        argv = m[1].split()
+        runs = [p for a in argv if not a.startswith("--") and a != argv[argv.index("--baseline") + 1]
+                for p in sorted(glob.glob(os.path.join(HERE, a)))]
+        assert runs, m[1]
+        capsys.readouterr()
+        metrics.main(["table", *runs, *argv[argv.index("--baseline"):argv.index("--baseline") + 2]])
+        expected = capsys.readouterr().out.strip().splitlines()
+        table = []
+        for row in lines[i:]:
+            if not row.startswith("|"):
+                break
+            table.append(row)
+        assert table == expected, f"{m[1]}:\n" + "\n".join(expected)
+        checked += 1
+    assert checked >= 3
