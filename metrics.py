@@ -367,9 +367,21 @@ def read_scores(path):
     return float(fid.group(1)), float(spectrum[-1]) if spectrum else None
 
 
+def read_inflation(path):
+    """σ(ϕ̂)/σ(ϕ) from a file holding `metrics.py inflation`'s line for one checkpoint, or None."""
+    import re
+    if not os.path.exists(path):
+        return None
+    found = re.findall(r"σ\(ϕ̂\)/σ\(ϕ\) ([\d.]+)", open(path).read())
+    if len(found) != 1:
+        fail(f"{path} must hold metrics.py inflation's line for one checkpoint, it holds {len(found)}")
+    return float(found[0])
+
+
 def read_runs(runs):
     """Run directories named ARM-sSEED, each with train.py's log.jsonl and score.txt ->
-    ({arm: {seed: (FID, spectrum error, s/step, LPL share, {step: L_Diff})}}, [runs not scored yet]).
+    ({arm: {seed: (FID, spectrum error, s/step, LPL share, {step: L_Diff}, σ(ϕ̂)/σ(ϕ) or None)}},
+    [runs not scored yet]). σ(ϕ̂)/σ(ϕ) is read from the run's inflation.txt where there is one.
     s/step is the median over the log (a paused run does not move it), the share its mean."""
     import re
     import statistics
@@ -388,7 +400,8 @@ def read_runs(runs):
         share = [r["lpl_share"] for r in log if "lpl_share" in r]
         arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.median(r["s_per_step"] for r in log[1:] or log),
                                                  statistics.mean(share) if share else None,
-                                                 {r["step"]: r["loss_diff"] for r in log})
+                                                 {r["step"]: r["loss_diff"] for r in log},
+                                                 read_inflation(os.path.join(run, "inflation.txt")))
     return arms, unscored
 
 
@@ -412,7 +425,10 @@ def seed_table(arms, unscored=(), baseline=None):
             return f"{values[0]:{sign}.{digits}f}"
         return f"{statistics.mean(values):{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
+    inflated = any(x[5] is not None for seeds in arms.values() for x in seeds.values())
     head = "| arm | training seeds | FID | FID per seed | spectrum error | s/step | LPL share |"
+    if inflated:
+        head += " σ(ϕ̂)/σ(ϕ) under τ |"
     if baseline:
         head += (f" FID − {baseline}, same seed | spectrum error − {baseline}, same seed |"
                  f" L_Diff / {baseline}'s − 1, same seed |")
@@ -423,6 +439,8 @@ def seed_table(arms, unscored=(), baseline=None):
         row = (f"| {arm} | {', '.join(map(str, sorted(seeds)))} | {spread([x[0] for x in v], 2)} | "
                f"{', '.join(f'{x[0]:.2f}' for x in v)} | {spread([x[1] for x in v], 3)} | "
                f"{statistics.mean(x[2] for x in v):.2f} | {f'{statistics.mean(shares):.3f}' if shares else ''} |")
+        if inflated:
+            row += f" {spread([x[5] for x in v], 3)} |"
         if baseline:
             both = sorted(set(seeds) & set(arms[baseline])) if arm != baseline else []
             base = arms[baseline]
