@@ -684,8 +684,12 @@ class Driver:
                 from_step = 0
                 if s.train_dir and os.path.exists(os.path.join(self.paths.fill(s.train_dir), "ckpt.pt")):
                     from_step = train_progress(self.paths.fill(s.train_dir))[0]
-                job = self.launch(s, len(running), threads, gpus)
-                job.update(threads=threads, from_step=from_step)
+                # on a CPU, a stage that will run alone gets the cores the others would have had
+                others = len(running) + sum(1 for t in todo if ready(t))
+                n_threads = threads if self.cfg.get("threads") or gpus else max(
+                    threads, (os.cpu_count() or 1) // max(1, min(self.jobs, others + 1)))
+                job = self.launch(s, len(running), n_threads, gpus)
+                job.update(threads=n_threads, from_step=from_step)
                 running.append(job)
                 self.say(f"[{fmt_time(time.time() - t0)}] start: {s.name}"
                          + (f" (from step {from_step})" if from_step else "") + f"  log: {job['log']}")
