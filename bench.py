@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import HelpFormatter, Parser, fail
+from cli import DEVICE, Float, Int, Path, HelpFormatter, Parser, fail
 from data import latent_geometry, load_vae
 from lpl import LatentPerceptualLoss, layer_distance, lpl_mask, z0_from_prediction
 from train import MODELS, build_model, ddpm_scheduler, pick_device
@@ -46,18 +46,18 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--vae", default=None, help="a save_pretrained folder or Hub id (default: the SD architecture, random weights)")
+    a("--vae", default=None, type=Path("dir", hub=True), help="a save_pretrained folder or Hub id (default: the SD architecture, random weights)")
     a("--model", default="DiT-S/2", choices=MODELS, help="the DiT of the timed steps")
-    a("--batch-size", type=int, default=16, help="samples per step")
-    a("--image-size", type=int, default=64, help="pixels; latents are this / the VAE factor")
-    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
+    a("--batch-size", type=Int(1, 4096), default=16, help="samples per step")
+    a("--image-size", type=Int(8, 4096), default=64, help="pixels; latents are this / the VAE factor")
+    a("--device", default=None, type=DEVICE, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     a("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, as train.py on CUDA")
-    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped (default: all)")
-    a("--lpl-fraction", type=float, default=None,
+    a("--lpl-blocks", type=Int(1, 64), default=None, help="decoder blocks tapped (default: all)")
+    a("--lpl-fraction", type=Float(0, 1, lo_open=True), default=None,
       help="share of the batch under the threshold (default: what train.py's default τ gives for eps)")
     a("--grad-checkpointing", action="store_true", help="checkpoint the decoder in the headline LPL step")
-    a("--warmup", type=int, default=2, help="untimed rounds first")
-    a("--reps", type=int, default=11, help="timed rounds; medians are reported")
+    a("--warmup", type=Int(0, 1000), default=2, help="untimed rounds first")
+    a("--reps", type=Int(1, 1000), default=11, help="timed rounds; medians are reported")
     a("--default-malloc", action="store_true",
       help="CPU: leave glibc's malloc returning freed memory to the OS (see keep_freed_memory)")
     a("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child process
@@ -252,4 +252,5 @@ def peak_memory(fn, device):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import entry
+    entry(main)

@@ -58,13 +58,16 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
                 and pred.shape[1] == 2 * z_t.shape[1] else "")
         raise ValueError(f"the prediction {tuple(pred.shape)} and z_t {tuple(z_t.shape)} differ in shape{hint}")
     a, s = _per_sample(alpha_t, z_t), _per_sample(sigma_t, z_t)  # (B, 1, 1, 1) or scalars
+    # Near pure noise z_t holds nothing of z0 and the division blows up (to inf in z_t's precision).
+    # lpl_mask never selects such samples; this guards other callers, at one host sync on a GPU.
+    tiny = torch.finfo(z_t.dtype).tiny ** 0.5
     if parameterization == "eps":
-        # pure noise: z_t holds nothing of z0. lpl_mask never selects α = 0; this guards other callers
-        # (at the price of one host sync on a GPU)
-        if (torch.as_tensor(alpha_t) == 0).any():
+        if (a <= tiny).any():
             raise ValueError("ẑ0 is undefined for eps at α_t = 0 (pure noise); select samples with lpl_mask first")
         return (z_t - s * pred) / a
     if parameterization == "v":
+        if (a * a + s * s <= tiny).any():
+            raise ValueError("ẑ0 is undefined for v at α_t = σ_t = 0")
         return (a * z_t - s * pred) / (a * a + s * s)
     if parameterization == "flow":
         return z_t - s * pred
@@ -73,6 +76,8 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
 
 def _per_sample(x, ref):
     x = _schedule_value(x, ref.device).to(ref.dtype)
+    if x.dim() and x.numel() not in (1, len(ref)):
+        raise ValueError(f"α_t and σ_t must be one number or one per sample ({len(ref)}), got {x.numel()}")
     return x.reshape(-1, *[1] * (ref.dim() - 1)) if x.dim() else x
 
 
@@ -83,6 +88,8 @@ def _schedule_value(x, device=None):
     if not x.is_floating_point():
         raise ValueError(f"α_t and σ_t must be floats, got {x.dtype}: pass the schedule's values at t, not t "
                          f"itself (alpha_sigma_from_alphas_cumprod / alpha_sigma_from_flow_time give them)")
+    if not torch.isfinite(x).all():  # a NaN compares false everywhere: the sample would silently get no loss
+        raise ValueError("α_t and σ_t must be finite numbers, got NaN or inf")
     return x if device is None else x.to(device)
 
 
@@ -444,8 +451,13 @@ class LatentPerceptualLoss(nn.Module):
         tau:     τ on σ/α (3–6 best, Fig. 6), given at 64×64 latents (this project's reading of the
                  paper's 512 px at f8); resolution_scale defaults to latent width / 64.
         """
+        if parameterization not in PARAMETERIZATIONS:  # checked even when no sample is selected
+            raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
         alpha_t, sigma_t = _schedule_value(alpha_t, z_t.device), _schedule_value(sigma_t, z_t.device)
-        a, s = alpha_t.flatten(), sigma_t.flatten()
+        a, s = (x.flatten().expand(len(z_t)) if x.numel() == 1 else x.flatten() for x in (alpha_t, sigma_t))
+        if len(a) != len(z_t) or len(s) != len(z_t):
+            raise ValueError(f"alpha_t and sigma_t must hold one value per sample ({len(z_t)}) or one for all, "
+                             f"got {alpha_t.numel()} and {sigma_t.numel()}")
         if parameterization == "flow" and not torch.allclose(a + s, torch.ones_like(a), atol=1e-4):
             raise ValueError("flow: α_t = 1 − σ_t (z_t = (1 − t) z0 + t ε, α_t = 1 − t, σ_t = t); for a codebase where "
                              "t = 1 is the data use alpha_sigma_from_flow_time(t, data_at=1) and pass −u")
@@ -483,10 +495,16 @@ class LatentPerceptualLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
     """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) for integer timesteps t (B,); alphas_cumprod: a torch tensor or
-    numpy array of ᾱ (diffusers' scheduler.alphas_cumprod, OpenAI's diffusion.alphas_cumprod), read on
-    t's device in float32."""
-    abar = torch.as_tensor(alphas_cumprod).to(device=t.device, dtype=torch.float32)[t]  # (B,)
-    return abar.sqrt(), (1 - abar).sqrt()
+    numpy array of ᾱ (diffusers' scheduler.alphas_cumprod, OpenAI's diffusion.alphas_cumprod). The roots
+    are taken in the table's own precision (OpenAI's is float64) and returned in float32 on t's device."""
+    t = torch.as_tensor(t)
+    abar = torch.as_tensor(alphas_cumprod)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"t must hold integer timesteps, got {t.dtype} (for a flow time use alpha_sigma_from_flow_time)")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(abar)):  # torch would read t = -1 as the last entry
+        raise ValueError(f"timesteps must be in 0..{len(abar) - 1}, got {int(t.min())}..{int(t.max())}")
+    abar = abar.to(t.device)[t]  # (B,)
+    return abar.sqrt().float(), (1 - abar).sqrt().float()
 
 
 def alpha_sigma_from_flow_time(t, data_at=0):

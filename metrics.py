@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import torch
 
-from cli import fail
+from cli import atomic_path, entry, fail
 from data import load_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -173,6 +173,13 @@ def load_stats(path):
     return mu, sigma
 
 
+def stats_size(path):
+    """The (H, W) of the images a statistics file was computed from, or None (files written before
+    metrics.py kept it)."""
+    with np.load(path) as f:
+        return tuple(int(v) for v in f["size"]) if "size" in f.files else None
+
+
 def fid_stats(source, extractor=None, n=None, seed=0):
     """(μ, Σ) of a folder of images (n of them at random, or all) or of a statistics .npz."""
     if source.endswith(".npz"):
@@ -232,6 +239,9 @@ def spectrum_error(p_gen, p_ref):
 
 def folder_spectrum(folder, n=None, seed=0):
     files = subset(image_files(folder), n, seed)
+    size = tuple(next(read_images(files[:1])).shape[-2:])
+    if min(size) < 2:  # the spectrum of a 1-pixel image has no frequency: a mean over nothing, NaN
+        fail(f"the images of {folder!r} are {size[0]}x{size[1]}: the power spectrum needs at least 2x2 pixels")
     total, n = 0, 0
     for x in read_images(files):
         total, n = total + radial_power_spectrum(x.double() / 255) * len(x), n + len(x)
@@ -257,7 +267,8 @@ def plot_spectra(spectra, ref_label, path):
     ax_r.set_xlabel("radial frequency (cycles per image)")
     ax_r.set_ylabel(f"power / power of {ref_label}")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # whole or not at all
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -319,7 +330,8 @@ def plot_curves(logs, path):
         ax.set_ylim(0, max(0.5, max(r["lpl_share"] for rows in with_lpl.values() for r in rows) * 1.1))
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # whole or not at all
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -481,7 +493,8 @@ def plot_seeds(arms, path):
         ax.set_ylabel(f"{name} (lower is better)")
     axes[0].legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # whole or not at all
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -523,7 +536,8 @@ def outlier_maps(vae, x, path, channels=4):
             ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle("red: positions Algorithm 1 masks (ρ = 0), on the target's decoder features", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # whole or not at all
+        fig.savefig(tmp)
     plt.close(fig)
     return masked
 
@@ -563,69 +577,69 @@ def sigma_bias(vae, z0, noise, detach_sigma, draws=16, steps=300, lr=0.02, seed=
 
 # ------------------------------------------------------------------------------ command line
 def main(argv=None):
-    from cli import HelpFormatter, Parser
+    from cli import DEVICE, SEED, Float, HelpFormatter, Int, Name, Parser, Path
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="metric", required=True)
     f = sub.add_parser("fid", formatter_class=HelpFormatter, help="FID between two folders (or .npz statistics)")
-    f.add_argument("a", help="image folder, or .npz statistics")
-    f.add_argument("b", help="image folder, or .npz statistics")
-    f.add_argument("--n", type=int, default=None, help="draw N images at random from each folder (default: all)")
-    f.add_argument("--seeds", type=int, nargs="+", default=[0], help="one FID per seed of the draw, "
+    f.add_argument("a", type=Path("any"), help="image folder, or .npz statistics")
+    f.add_argument("b", type=Path("any"), help="image folder, or .npz statistics")
+    f.add_argument("--n", type=Int(2), default=None, help="draw N images at random from each folder (default: all)")
+    f.add_argument("--seeds", type=SEED, nargs="+", default=[0], help="one FID per seed of the draw, "
                    "and their mean and spread; features are computed once for all draws")
     st = sub.add_parser("stats", formatter_class=HelpFormatter, help="save a folder's FID statistics (μ, Σ)")
-    st.add_argument("folder", help="image folder")
-    st.add_argument("out", help="the .npz to write")
-    st.add_argument("--n", type=int, default=None, help="draw N images at random (default: all)")
-    st.add_argument("--seed", type=int, default=0, help="seeds the draw")
+    st.add_argument("folder", type=Path("dir"), help="image folder")
+    st.add_argument("out", type=Path("new-file", ext=(".npz",)), help="the .npz to write")
+    st.add_argument("--n", type=Int(2), default=None, help="draw N images at random (default: all)")
+    st.add_argument("--seed", type=SEED, default=0, help="seeds the draw")
     sp = sub.add_parser("spectrum", formatter_class=HelpFormatter, help="power spectrum error of folders against a reference")
-    sp.add_argument("a", nargs="+", help="image folder(s), e.g. generated; each is compared with the last folder")
-    sp.add_argument("b", help="image folder (reference)")
-    sp.add_argument("--n", type=int, default=None, help="draw N images at random from each folder (default: all)")
-    sp.add_argument("--plot", default=None, help="also write a log-log plot here (default: none)")
+    sp.add_argument("a", nargs="+", type=Path("dir"), help="image folder(s), e.g. generated; each is compared with the last folder")
+    sp.add_argument("b", type=Path("dir"), help="image folder (reference)")
+    sp.add_argument("--n", type=Int(1), default=None, help="draw N images at random from each folder (default: all)")
+    sp.add_argument("--plot", default=None, type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="also write a log-log plot here (default: none)")
     for q in (f, st):
-        q.add_argument("--device", default=None, help="where the FID network runs; default: cuda if there is "
+        q.add_argument("--device", default=None, type=DEVICE, help="where the FID network runs; default: cuda if there is "
                        "one, else cpu")
     ou = sub.add_parser("outliers", formatter_class=HelpFormatter, help="Fig. 13: decoder feature maps with "
                         "Algorithm 1's outlier mask, for one image")
-    ou.add_argument("image", help="an image file, or an image folder (then --index picks the image)")
-    ou.add_argument("--index", type=int, default=0, help="with a folder: the index of the image, in sorted order")
-    ou.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="Hugging Face id or save_pretrained folder")
-    ou.add_argument("--image-size", type=int, default=None, help="resize to this first (default: as it is)")
-    ou.add_argument("--channels", type=int, default=4, help="channels shown per layer (those most masked)")
-    ou.add_argument("--out", default="outliers.png", help="the PNG to write")
+    ou.add_argument("image", type=Path("any"), help="an image file, or an image folder (then --index picks the image)")
+    ou.add_argument("--index", type=Int(0), default=0, help="with a folder: the index of the image, in sorted order")
+    ou.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", type=Path("dir", hub=True), help="Hugging Face id or save_pretrained folder")
+    ou.add_argument("--image-size", type=Int(8, 4096), default=None, help="resize to this first (default: as it is)")
+    ou.add_argument("--channels", type=Int(1, 64), default=4, help="channels shown per layer (those most masked)")
+    ou.add_argument("--out", default="outliers.png", type=Path("new-file", ext=IMAGE_EXTENSIONS), help="the PNG to write")
     di = sub.add_parser("diff", formatter_class=HelpFormatter, help="two images of one layout (grids of two "
                         "models from the same noise) and their amplified difference, side by side")
-    di.add_argument("a", help="image, e.g. the baseline's grid")
-    di.add_argument("b", help="image of the same size, e.g. the LPL model's grid from the same --seed")
-    di.add_argument("--gain", type=float, default=8.0, help="the difference is shown as 128 + gain x (b - a)")
-    di.add_argument("--zoom", type=int, default=2, help="nearest-neighbour upscaling, to see pixels")
-    di.add_argument("--out", default="diff.png", help="the PNG to write")
+    di.add_argument("a", type=Path("file", ext=IMAGE_EXTENSIONS), help="image, e.g. the baseline's grid")
+    di.add_argument("b", type=Path("file", ext=IMAGE_EXTENSIONS), help="image of the same size, e.g. the LPL model's grid from the same --seed")
+    di.add_argument("--gain", type=Float(-1000, 1000), default=8.0, help="the difference is shown as 128 + gain x (b - a)")
+    di.add_argument("--zoom", type=Int(1, 16), default=2, help="nearest-neighbour upscaling, to see pixels")
+    di.add_argument("--out", default="diff.png", type=Path("new-file", ext=IMAGE_EXTENSIONS), help="the PNG to write")
     sb = sub.add_parser("sigma-bias", formatter_class=HelpFormatter, help="how far the output that minimises "
                         "the expected LPL is inflated, with and without the gradient through σ̂ (README, Differences)")
-    sb.add_argument("folder", help="image folder (the images at the VAE's training size)")
-    sb.add_argument("--vae", required=True, help="save_pretrained folder or Hub id (required)")
-    sb.add_argument("--n", type=int, default=64, help="images, drawn at random")
-    sb.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.6], help="std of the unknowable part u, "
+    sb.add_argument("folder", type=Path("dir"), help="image folder (the images at the VAE's training size)")
+    sb.add_argument("--vae", required=True, type=Path("dir", hub=True), help="save_pretrained folder or Hub id (required)")
+    sb.add_argument("--n", type=Int(1, 100000), default=64, help="images, drawn at random")
+    sb.add_argument("--noise", type=Float(0, 100, lo_open=True), nargs="+", default=[0.3, 0.6], help="std of the unknowable part u, "
                     "in the diffusion model's latent units")
-    sb.add_argument("--draws", type=int, default=16, help="targets z0 + noise·u per image")
-    sb.add_argument("--steps", type=int, default=300, help="Adam steps fitting ẑ0")
-    sb.add_argument("--seed", type=int, default=0, help="seeds the draw of images and of u")
+    sb.add_argument("--draws", type=Int(1, 10000), default=16, help="targets z0 + noise·u per image")
+    sb.add_argument("--steps", type=Int(1, 100000), default=300, help="Adam steps fitting ẑ0")
+    sb.add_argument("--seed", type=SEED, default=0, help="seeds the draw of images and of u")
     infl = sub.add_parser("inflation", formatter_class=HelpFormatter, help="how much larger trained models' "
                           "ẑ0 and decoder features are than z0's where LPL acts (README, Differences)")
-    infl.add_argument("folder", help="image folder in ImageFolder layout with the checkpoints' classes (e.g. the test set)")
-    infl.add_argument("ckpts", nargs="+", help="train.py checkpoints on one autoencoder (EMA weights)")
-    infl.add_argument("--n", type=int, default=512, help="images, drawn at random, each at one time under τ")
-    infl.add_argument("--seed", type=int, default=0, help="seeds the images, times and noise (the same for every checkpoint)")
+    infl.add_argument("folder", type=Path("dir"), help="image folder in ImageFolder layout with the checkpoints' classes (e.g. the test set)")
+    infl.add_argument("ckpts", nargs="+", type=Path("file"), help="train.py checkpoints on one autoencoder (EMA weights)")
+    infl.add_argument("--n", type=Int(1, 100000), default=512, help="images, drawn at random, each at one time under τ")
+    infl.add_argument("--seed", type=SEED, default=0, help="seeds the images, times and noise (the same for every checkpoint)")
     ta = sub.add_parser("table", formatter_class=HelpFormatter, help="mean ± std over training seeds of runs "
                         "named ARM-sSEED, each with log.jsonl and score.txt (sample.py --fid's output)")
-    ta.add_argument("runs", nargs="+", help="run directories, e.g. runs/p17/post-*")
-    ta.add_argument("--baseline", default=None, help="an arm, e.g. post-l2: also each arm's difference from "
+    ta.add_argument("runs", nargs="+", type=Path("dir"), help="run directories, e.g. runs/p17/post-*")
+    ta.add_argument("--baseline", default=None, type=Name(), help="an arm, e.g. post-l2: also each arm's difference from "
                     "it at the same training seed (default: none)")
-    ta.add_argument("--plot", default=None, metavar="PNG", help="also plot every run's FID and spectrum error, "
+    ta.add_argument("--plot", default=None, metavar="PNG", type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="also plot every run's FID and spectrum error, "
                     "the runs of one training seed joined (default: no plot)")
     cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share")
-    cu.add_argument("logs", nargs="+", help="log.jsonl files; each is labelled by its run directory")
-    cu.add_argument("--out", default="curves.png", help="the PNG to write")
+    cu.add_argument("logs", nargs="+", type=Path("file"), help="log.jsonl files; each is labelled by its run directory")
+    cu.add_argument("--out", default="curves.png", type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="the PNG to write")
     args = p.parse_args(argv)
     if args.metric == "outliers":
         from data import UnreadableImage, load_vae, read_rgb
@@ -658,7 +672,8 @@ def main(argv=None):
             fail(f"--zoom must be >= 1 and --gain a number, got {args.zoom} and {args.gain}")
         a, b = (next(read_images([f]))[0] for f in (args.a, args.b))  # (3, H, W) uint8 each
         from torchvision.utils import save_image
-        save_image(difference_image(a, b, args.gain, args.zoom).float() / 255, args.out)
+        with atomic_path(args.out) as tmp:
+            save_image(difference_image(a, b, args.gain, args.zoom).float() / 255, tmp)
         d = (b.float() - a.float()).abs()
         print(f"wrote {args.out}: mean |b - a| {d.mean():.2f}/255, max {d.max():.0f}/255")
         return
@@ -730,12 +745,10 @@ def main(argv=None):
     if args.metric in ("fid", "stats") and args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.metric == "stats":
-        if not args.out.endswith(".npz"):
-            fail(f"the statistics file {args.out!r} must end in .npz (numpy would add it)")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            fail(f"the folder of {args.out!r} does not exist")
+        size = tuple(next(read_images(image_files(args.folder)[:1])).shape[-2:])
         mu, sigma = fid_stats(args.folder, InceptionFeatures(device=args.device), args.n, args.seed)
-        np.savez(args.out, mu=mu, sigma=sigma)
+        with atomic_path(args.out) as tmp:  # a killed run leaves no half-written statistics
+            np.savez(tmp, mu=mu, sigma=sigma, size=np.array(size))  # the images' size: compared with samples
         print(f"wrote {args.out}")
     elif args.metric == "fid":
         extractor = InceptionFeatures(device=args.device)
@@ -767,4 +780,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from cli import HelpFormatter, Parser, fail
+from cli import DEVICE, HelpFormatter, Int, Parser, Path, fail
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,7 +125,7 @@ def load_protocol(path):
     if cfg["autoencoder"] == "train_vae":
         import train_vae
         check_script_args(f"{path}: autoencoder_args", "train_vae.py", train_vae.get_args, cfg["autoencoder_args"],
-                          ["--data", "x", "--test-data", "x", "--out", "x"])
+                          ["--data", HERE, "--test-data", HERE, "--out", HERE])  # (stand-ins: the driver's own)
     elif cfg["autoencoder_args"]:
         raise ProtocolError(f"{path}: autoencoder_args are train_vae.py's, but autoencoder is {cfg['autoencoder']!r}")
     if cfg["bench"]:
@@ -203,7 +203,7 @@ def check_script_args(where, script, get_args, args, given=()):
 def check_train_args(where, args, post=False):
     """train.py's arguments of a base run (or, post=True, a post-training from the driver's base)."""
     import train
-    check_script_args(where, "train.py", train.get_args, args, ["--init-from", "x"] if post else [])
+    check_script_args(where, "train.py", train.get_args, args, ["--init-from", __file__] if post else [])
 
 
 # ------------------------------------------------------------------------------ stages
@@ -213,7 +213,7 @@ class Stage:
     runs/) and what it keeps (small files under results/)."""
 
     def __init__(self, name, kind, cmds, deps=(), artifact=None, keeps=(), units=1, rate=None, capture=None,
-                 train_dir=None, steps=None, scratch=None):
+                 train_dir=None, steps=None, scratch=None, outputs=None):
         self.name, self.kind, self.cmds, self.deps = name, kind, cmds, list(deps)
         self.artifact = artifact  # a path template under {work}: what later stages read
         self.keeps = keeps  # (source template, destination under {results}) copied when it finishes
@@ -221,6 +221,12 @@ class Stage:
         self.capture = capture  # a results file the commands' stdout goes to (scores, tables)
         self.train_dir, self.steps = train_dir, steps  # a train.py run: resumable
         self.scratch = scratch  # a folder removed before the stage (re)starts: samples of a killed score
+        # Files the commands write to {out} (figures) land in results/OUTPUTS/ once the stage succeeds:
+        # a killed stage leaves no half-made figure in results, and a re-run never meets its own old one.
+        self.outputs = outputs
+        if outputs is not None:
+            self.scratch = f"{{work}}/out/{name}"
+            self.cmds = [[a.replace("{out}", self.scratch) for a in cmd] for cmd in cmds]
         self.key = None
 
 
@@ -273,17 +279,17 @@ def build_stages(cfg):
     def figures(study, st, seed):
         """Seed `seed`'s arms from the same noise (grids, and the first two arms' amplified difference)
         and the spectra of their scored samples against the training images."""
-        arms, work = list(st["arms"]), f"{{work}}/figures/{study}"
-        grids = [f"{work}/{arm}-s{seed}.png" for arm in arms]
+        arms = list(st["arms"])
+        grids = [f"{{out}}/grid-{arm}-s{seed}.png" for arm in arms]
         cmds = [["sample.py", "--ckpt", f"{{work}}/{study}/{arm}-s{seed}/ckpt.pt", "--per-class", "6", "--label-rows",
                  "--steps", str(sc["steps"]), "--cfg", str(sc["cfg"]), "--seed", str(sc["seed"]), "--out", g]
                 for arm, g in zip(arms, grids)]
         cmds.append(["metrics.py", "diff", grids[0], grids[min(1, len(grids) - 1)], "--zoom", "1",
-                     "--out", f"{{results}}/{study}/diff.png"])
+                     "--out", "{out}/diff.png"])
         cmds.append(["metrics.py", "spectrum", *[f"{{work}}/samples/{study}/{arm}-s{seed}" for arm in arms],
-                     train_data, "--n", str(sc["spectrum_n"]), "--plot", f"{{results}}/{study}/spectrum.png"])
+                     train_data, "--n", str(sc["spectrum_n"]), "--plot", "{out}/spectrum.png"])
         return Stage(f"{study}/figures", "figures", cmds, deps=[f"{study}/{a}-s{seed}{x}" for a in arms for x in ("", "/score")],
-                     capture=f"{study}/figures.txt", units=0, scratch=work)
+                     capture=f"{study}/figures.txt", units=0, outputs=study)
 
     for study, st in cfg["studies"].items():
         base_args = ["--data", train_data, "--vae", vae, *st["base"]]
@@ -313,9 +319,9 @@ def build_stages(cfg):
         if st["arms"]:
             runs = [f"{{results}}/{study}/{arm}-s{seed}" for arm in st["arms"] for seed in st["seeds"]]
             add(Stage(f"{study}/table", "table", [["metrics.py", "table", *runs, "--baseline", st["baseline"],
-                                                   "--plot", f"{{results}}/{study}/seeds.png"]],
+                                                   "--plot", "{out}/seeds.png"]],
                       deps=[f"{study}/{a}-s{s}/score" for a in st["arms"] for s in st["seeds"]],
-                      capture=f"{study}/table.md", units=0))
+                      capture=f"{study}/table.md", units=0, outputs=study))
     names = [s.name for s in S]
     assert len(names) == len(set(names)), names
     by_name = {s.name: s for s in S}
@@ -576,11 +582,16 @@ class Driver:
         out = []
         if stage.scratch and os.path.exists(self.paths.fill(stage.scratch)):
             out.append(f"rm -rf {shlex.quote(self.paths.fill(stage.scratch))}")
+        if stage.outputs is not None:
+            out.append(f"mkdir -p {shlex.quote(self.paths.fill(stage.scratch))}")
         for i, cmd in enumerate(self.argv(stage)):
             line = shlex.join(["python", *cmd])
             if stage.capture:
                 line += f" {'>>' if i else '>'} {shlex.quote(self.paths.fill(os.path.join(self.paths.results, stage.capture)))}"
             out.append(line)
+        if stage.outputs is not None:
+            dest = self.paths.fill(os.path.join(self.paths.results, stage.outputs))
+            out.append(f"mv {shlex.quote(self.paths.fill(stage.scratch))}/* {shlex.quote(dest)}/")
         return out
 
     def argv(self, stage):
@@ -602,7 +613,7 @@ class Driver:
         """Start a stage's commands in one child shell; its output goes to runs/NAME/logs/STAGE.log."""
         if stage.scratch:
             shutil.rmtree(self.paths.fill(stage.scratch), ignore_errors=True)
-            if stage.kind == "figures":
+            if stage.outputs is not None:
                 os.makedirs(self.paths.fill(stage.scratch), exist_ok=True)
         log = os.path.join(self.paths.work, "logs", stage.name.replace("/", "__") + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -634,6 +645,11 @@ class Driver:
             copy_atomic(p.fill(src), os.path.join(p.results, dst))
         if job["capture"]:
             write_atomic(os.path.join(p.results, stage.capture), open(job["capture"]).read())
+        if stage.outputs is not None:  # each file renamed into results whole (same file system: work and
+            scratch = p.fill(stage.scratch)  # results may not be, so copy_atomic, then drop the scratch)
+            for f in sorted(os.listdir(scratch)):
+                copy_atomic(os.path.join(scratch, f), os.path.join(p.results, stage.outputs, f))
+            shutil.rmtree(scratch, ignore_errors=True)
         seconds = time.time() - job["start"]
         units = stage.units
         if stage.train_dir:  # the seconds of this segment, per step it trained
@@ -800,13 +816,13 @@ def fmt_time(s):
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("protocol", help="a protocol file, e.g. protocols/smoke.py")
-    a("--jobs", type=int, default=1, help="stages run at once: GPUs, or CPU processes of cores/jobs threads")
+    a("protocol", type=Path("file", ext=(".py",)), help="a protocol file, e.g. protocols/smoke.py")
+    a("--jobs", type=Int(1, 256), default=1, help="stages run at once: GPUs, or CPU processes of cores/jobs threads")
     a("--dry-run", action="store_true", help="print the plan and the commands of every stage to run, run nothing")
-    a("--work", default=None, help="checkpoints, samples and data (never committed); default: runs/NAME")
-    a("--results", default=None, help="scores, logs, tables, figures (committed); default: results/NAME")
-    a("--data", default=None, help="override the protocol's data folder (e.g. where CIFAR-10 lies on this machine)")
-    a("--device", default=None, help="cpu, cuda or cuda:N for every stage (default: each script's own: "
+    a("--work", default=None, type=Path("out-dir"), help="checkpoints, samples and data (never committed); default: runs/NAME")
+    a("--results", default=None, type=Path("out-dir"), help="scores, logs, tables, figures (committed); default: results/NAME")
+    a("--data", default=None, type=Path("dir"), help="override the protocol's data folder (e.g. where CIFAR-10 lies on this machine)")
+    a("--device", default=None, type=DEVICE, help="cpu, cuda or cuda:N for every stage (default: each script's own: "
       "cuda if there is one, else cpu)")
     a("--redo-changed", action="store_true", help="re-run the finished stages the protocol file now gives "
       "another command for (default: refuse)")
@@ -872,4 +888,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import entry
+    entry(main)

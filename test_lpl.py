@@ -1140,9 +1140,14 @@ def test_non_finite_weights_are_never_saved(assets, tmp_path, monkeypatch):
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
 
 
-def test_nan_loss_stops_before_the_update(assets, tmp_path):
-    msg = one_line_error(train.main, train_args(assets, tmp_path / "nan", "--steps", "20", "--lr", "1e20",
-                                                "--ckpt-every", "1"))
+def test_nan_loss_stops_before_the_update(assets, tmp_path, monkeypatch):
+    calls, mse = [], F.mse_loss
+
+    def diverging(*a, **k):  # the loss turns NaN at the fourth step (--lr is bounded now, so no 1e20)
+        calls.append(1)
+        return mse(*a, **k) * (float("nan") if len(calls) >= 4 else 1.0)
+    monkeypatch.setattr(train.F, "mse_loss", diverging)
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "nan", "--steps", "20", "--ckpt-every", "1"))
     assert "not finite" in msg
     ckpt = load(tmp_path / "nan" / "ckpt.pt")  # readable, not half-written, and finite
     assert ckpt["step"] >= 1 and all(v.isfinite().all() for v in ckpt["model"].values())
@@ -1270,37 +1275,37 @@ def test_bad_input_is_one_line(assets, tmp_path):
         "broken.png": ["--data", str(bad)],
         "x.png": ["--data", str(notimg)],
         "train_data_batch_1.npz is not an ImageNet": ["--data", str(npz)],
-        "--image-size must be >= 1": ["--image-size", "0"],
-        "--image-size must be >= 1, got -16": ["--image-size", "-16"],
+        "argument --image-size: '0' is not an integer >= 1": ["--image-size", "0"],
+        "argument --image-size: '-16' is not an integer >= 1": ["--image-size", "-16"],
         "must be a multiple of 4": ["--image-size", "2"],  # f2 VAE x patch 2
-        "--batch-size must be >= 1": ["--batch-size", "0"],
-        "--lr must be a positive number": ["--lr", "-1"],
-        "--lr must be a positive number, got nan": ["--lr", "nan"],
-        "--lpl-tau must be a positive number": ["--lpl-tau", "nan"],
-        "--lpl-tau must be a positive number (0 would select no sample)": ["--lpl-tau", "0"],
-        "--sp-layer must be >= 1": ["--loss", "self-perceptual", "--init-from", str(assets / "runs" / "pre"),
+        "argument --batch-size: '0' is not an integer >= 1": ["--batch-size", "0"],
+        "argument --lr: '-1' is not a finite number > 0": ["--lr", "-1"],
+        "argument --lr: 'nan' is not a finite number": ["--lr", "nan"],
+        "argument --lpl-tau: 'nan' is not a finite number": ["--lpl-tau", "nan"],
+        "argument --lpl-tau: '0' is not a finite number > 0": ["--lpl-tau", "0"],
+        "argument --sp-layer: '0' is not an integer >= 1": ["--loss", "self-perceptual", "--init-from", str(assets / "runs" / "pre"),
                                     "--sp-layer", "0"],
-        "--lr must be a positive number, got -0.0001": ["--lr", "-1e-4"],  # argparse reads -1e-4 as a number
+        "argument --lr: '-1e-4' is not a finite number > 0": ["--lr", "-1e-4"],  # argparse reads -1e-4 as a number
         "num_blocks must be in 1..3": ["--loss", "lpl", "--lpl-blocks", "9"],
-        "--log-every must be >= 1": ["--log-every", "0"],
-        "--ckpt-every must be >= 1": ["--ckpt-every", "0"],
-        "--steps must be >= 1": ["--steps", "0"],
-        "--steps must be >= 1, got -3": ["--steps", "-3"],
-        "--lpl-weight must be a positive number": ["--lpl-weight", "-1"],
-        "--lpl-weight must be a positive number, got nan": ["--lpl-weight", "nan"],
-        "--ema-decay must be in [0, 1]": ["--ema-decay", "1.5"],
-        "not a device name": ["--device", "tpu9"],
-        "cannot write to the run directory": ["--run-dir", str(tmp_path / "file" / "run")],
-        "neither 'cifar10' nor an existing folder": ["--data", str(tmp_path / "nope")],
+        "argument --log-every: '0' is not an integer >= 1": ["--log-every", "0"],
+        "argument --ckpt-every: '0' is not an integer >= 1": ["--ckpt-every", "0"],
+        "argument --steps: '0' is not an integer >= 1": ["--steps", "0"],
+        "argument --steps: '-3' is not an integer >= 1": ["--steps", "-3"],
+        "argument --lpl-weight: '-1' is not a finite number > 0": ["--lpl-weight", "-1"],
+        "argument --lpl-weight: 'nan' is not a finite number": ["--lpl-weight", "nan"],
+        "argument --ema-decay: '1.5' is not a finite number >= 0 and <= 1": ["--ema-decay", "1.5"],
+        "argument --device: 'tpu9' is not a device": ["--device", "tpu9"],
+        "cannot be written": ["--run-dir", str(tmp_path / "file" / "run")],
+        "is missing, not an existing folder or 'cifar10'": ["--data", str(tmp_path / "nope")],
         "no images": ["--data", str(assets / "empty")],
-        "is not a folder: give a folder written by save_pretrained": ["--vae", str(tmp_path / "no-vae")],
+        "is missing, not an existing folder or a Hugging Face id": ["--vae", str(tmp_path / "no-vae")],
         "cannot load the VAE": ["--vae", str(assets / "empty")],
         "is a UNet2DModel; the trainer takes the autoencoders lpl.py supports": ["--vae", str(tmp_path / "unet")],
         "corrupted or not a train.py checkpoint": ["--init-from", str(tmp_path / "junk.pt")],
         "is not a train.py checkpoint (no 'args'": ["--init-from", str(tmp_path / "other.pt")],
     }
     if not torch.cuda.is_available():
-        cases["no CUDA GPU is visible"] = ["--device", "cuda"]
+        cases["0 CUDA device(s) are visible"] = ["--device", "cuda"]
     if not torch.backends.mps.is_available():
         cases["MPS is not available"] = ["--device", "mps"]
     for expected, extra in cases.items():
@@ -1317,18 +1322,19 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
     nan = load(ckpt)
     nan["ema"] = {k: torch.full_like(v, float("nan")) for k, v in nan["ema"].items()}
     torch.save(nan, tmp_path / "nan.pt")
+    (tmp_path / "dir.png").mkdir()
     cases = {
-        "--n must be >= 1": ["--n", "0"],
-        "--n must be >= 1, got -2": ["--n", "-2"],
-        "--batch-size must be >= 1": ["--batch-size", "0"],
-        "--steps must be >= 1": ["--steps", "0"],
-        "--cfg must be a number": ["--cfg", "nan"],
+        "argument --n: '0' is not an integer >= 1": ["--n", "0"],
+        "argument --n: '-2' is not an integer >= 1": ["--n", "-2"],
+        "argument --batch-size: '0' is not an integer >= 1": ["--batch-size", "0"],
+        "argument --steps: '0' is not an integer >= 1": ["--steps", "0"],
+        "argument --cfg: 'nan' is not a finite number": ["--cfg", "nan"],
         "does not exist": ["--out", str(tmp_path / "missing" / "grid.png")],
-        "is not an image file name": ["--out", str(tmp_path / "grid")],
-        "is not an image file name: end it": ["--out", str(tmp_path)],  # an existing folder
+        "does not end in .png": ["--out", str(tmp_path / "grid")],
+        "is a folder, not a file name": ["--out", str(tmp_path / "dir.png")],  # an existing folder
         "8 latent channels": ["--vae", str(assets / "vae8")],
         "--classes must be in 0..2": ["--classes", "3"],
-        "--per-class must be >= 1": ["--per-class", "0"],
+        "argument --per-class: '0' is not an integer >= 1": ["--per-class", "0"],
     }
     for expected, extra in cases.items():
         assert expected in one_line_error(sample.main, ["--ckpt", ckpt, *extra]), expected
@@ -1361,7 +1367,11 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
         metrics.inception_path = metrics_inception
 
 
-    assert "non-finite latents" in one_line_error(sample.main, ["--ckpt", ckpt, "--cfg", "1e30", "--steps", "2"])
+    huge = load(ckpt)  # finite weights whose output overflows (--cfg is bounded now, so no 1e30 guidance)
+    huge["ema"] = {k: v * 1e30 if k.startswith("proj_out") else v for k, v in huge["ema"].items()}
+    torch.save(huge, tmp_path / "huge.pt")
+    assert "non-finite latents" in one_line_error(sample.main, ["--ckpt", str(tmp_path / "huge.pt"), "--steps", "2",
+                                                               "--out", str(tmp_path / "h.png")])
 
 
 class _ColourMeans(torch.nn.Module):  # a stand-in FID network: 3-d features
@@ -1430,7 +1440,7 @@ def test_bench_runs_and_prints_the_ratios():
     assert r.stderr.strip() == ("bench.py: error: --lpl-fraction 0.100 puts 0 of 4 samples under the threshold; "
                                 "it must select 1 to 4: raise --lpl-fraction or --batch-size")
     r = run_cli("bench.py", "--vae", "/nonexistent/vae")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "is not a folder" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "is missing, not an existing folder" in r.stderr
 
 
 # ================================================================ train_vae.py
@@ -1548,7 +1558,7 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
     ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
     msg = one_line_error(sample.main, ["--ckpt", ckpt, "--fid", "--out-dir", str(tmp_path / "s"), "--fid-ref",
                                        str(tmp_path / "nope")])
-    assert "neither an image folder nor a statistics .npz" in msg and not (tmp_path / "s").exists()
+    assert "does not exist" in msg and not (tmp_path / "s").exists()
     metrics.main(["stats", str(assets / "data"), str(tmp_path / "ref.npz")])
     for i, ref in enumerate((str(assets / "data"), str(tmp_path / "ref.npz"))):  # the data folder, or its statistics
         capsys.readouterr()
@@ -1649,7 +1659,7 @@ def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, 
                             "0.200", "+0.00 ± 1.41", "-0.050 ± 0.071", "+2.00 ± 1.41%"]
     assert cells["l2"] == ["l2", "0, 1", "11.00 ± 0.00", "11.00, 11.00", "0.600 ± 0.000", "2.00", "", "", "", ""]
     assert "not named ARM-sSEED" in one_line_error(metrics.main, ["table", str(tmp_path)])
-    assert "not a run directory" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0" / "log.jsonl")])
+    assert "is a file, not an existing folder" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0" / "log.jsonl")])
     assert "none of the arms" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0"), "--baseline", "x"])
     (tmp_path / "l2-s1" / "score.txt").write_text("FID 11.0 (100 samples against ref)\n")  # no spectrum line
     metrics.main(["table", str(tmp_path / "l2-s0"), str(tmp_path / "l2-s1"), "--plot", str(tmp_path / "s2.png")])
@@ -1802,8 +1812,8 @@ def test_outlier_map_command_reports_what_detect_outliers_masks(assets, tmp_path
         lpl = LatentPerceptualLoss(vae)
         expected = [1 - detect_outliers(f, down_f=512 / f.shape[-1]).float().mean().item() for f in lpl.features(z)]
     assert printed == pytest.approx(expected, abs=1e-5) and len(printed) == 3
-    assert "--image-size must be >= 1" in one_line_error(metrics.main, ["outliers", str(assets / "data"),
-                                                                         "--image-size", "0"])
+    assert "argument --image-size: '0' is not an integer >= 8" in one_line_error(metrics.main, [
+        "outliers", str(assets / "data"), "--image-size", "0"])
     assert "--index must be in 0..23" in one_line_error(metrics.main, ["outliers", str(assets / "data"), "--index", "99",
                                                                        "--vae", str(assets / "vae")])
 
@@ -1953,7 +1963,7 @@ def test_resume_from_another_folder_trains_on_its_own_data_or_refuses(assets, tm
                                               zip(read_log(start / "runs" / "full"), read_log(start / "runs" / "r"))]
     resumed, full = load(start / "runs" / "r" / "ckpt.pt"), load(start / "runs" / "full" / "ckpt.pt")
     assert resumed["step"] == 3 and all(torch.equal(resumed["model"][k], full["model"][k]) for k in full["model"])
-    os.utime(start / "data" / "cat" / "0.png", (0, 0))  # the data changed since
+    write_pngs(start / "data", classes=("cat",), per_class=1, seed=9)  # the data changed since (a date alone would not)
     msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "4"])
     assert "are not those" in msg and "resumes only on its own data" in msg
     shutil.rmtree(start / "vae")
@@ -2008,7 +2018,8 @@ def test_init_from_is_checked_before_the_work(assets, tmp_path):
 
 def test_bench_checks_its_inputs():
     import bench
-    for argv, expected in ((["--reps", "0"], "--reps must be >= 1"), (["--image-size", "0"], "--image-size must be >= 1"),
+    for argv, expected in ((["--reps", "0"], "argument --reps: '0' is not an integer >= 1"),
+                           (["--image-size", "0"], "argument --image-size: '0' is not an integer >= 8"),
                            (["--image-size", "20"], "must be a multiple of 16"),
-                           (["--lpl-fraction", "0"], "--lpl-fraction must be in (0, 1]")):
+                           (["--lpl-fraction", "0"], "argument --lpl-fraction: '0' is not a finite number > 0")):
         assert expected in one_line_error(bench.main, argv), argv

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import RANK, WORLD, HelpFormatter, Parser, fail
+from cli import DEVICE, POSITIVE, RANK, SEED, SHARE, WORLD, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, fail, requires
 from comparisons import SelfPerceptual, min_snr_weights, rgb_loss
 from data import (atomic_save, cache_path, decode, encode_dataset, image_dataset, latent_geometry, load_vae,
                   looks_like_path)
@@ -57,45 +57,45 @@ RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every"
 def build_parser():
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--data", default="cifar10", help="'cifar10' (torchvision download), an image folder with one "
+    a("--data", default="cifar10", type=Path("dir", words=["cifar10"]), help="'cifar10' (torchvision download), an image folder with one "
       "subfolder per class, or a folder of ImageNet 64x64 .npz batches")
-    a("--data-root", default="data", help="where --data cifar10 is downloaded")
-    a("--images-per-class", type=int, default=None, help="use only the first N images of each class "
+    a("--data-root", default="data", type=Path("out-dir"), help="where --data cifar10 is downloaded")
+    a("--images-per-class", type=Int(1), default=None, help="use only the first N images of each class "
       "(quick runs); default: all")
-    a("--vae", default="stabilityai/sd-vae-ft-ema", help="any autoencoder family of lpl.py (SD, FLUX.1/2, "
+    a("--vae", default="stabilityai/sd-vae-ft-ema", type=Path("dir", hub=True), help="any autoencoder family of lpl.py (SD, FLUX.1/2, "
       "Qwen-Image, Wan, DC-AE, TAESD, VQ-GAN): a Hugging Face id (a pipeline's as org/repo/vae) or a "
       "save_pretrained folder")
-    a("--image-size", type=int, default=64, help="images are resized to this (64 -> 8x8 latents at f8)")
+    a("--image-size", type=Int(1, 4096), default=64, help="images are resized to this (64 -> 8x8 latents at f8)")
     a("--model", default="DiT-S/2", choices=MODELS, help="DiT size / patch size")
     a("--paradigm", default="eps", choices=["eps", "v", "flow"], help="what the model predicts (Table 1)")
-    a("--steps", type=int, default=None, help="total steps; default 50000, on --resume the run's own")
-    a("--batch-size", type=int, default=128, help="global batch size")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (DiT)")
-    a("--seed", type=int, default=0, help="seeds the data order, the noise and the sample grids")
-    a("--run-dir", default="runs/pretrain", help="ckpt.pt, log.jsonl and sample grids go here")
-    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
-    a("--init-from", default=None, metavar="CKPT", help="start a new run from this checkpoint's weights "
+    a("--steps", type=Int(1), default=None, help="total steps; default 50000, on --resume the run's own")
+    a("--batch-size", type=Int(1, 65536), default=128, help="global batch size")
+    a("--lr", type=Float(0, 1, lo_open=True), default=1e-4, help="AdamW learning rate, constant (DiT)")
+    a("--seed", type=SEED, default=0, help="seeds the data order, the noise and the sample grids")
+    a("--run-dir", default="runs/pretrain", type=Path("out-dir"), help="ckpt.pt, log.jsonl and sample grids go here")
+    a("--device", default=None, type=DEVICE, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
+    a("--init-from", default=None, metavar="CKPT", type=Path("any"), help="start a new run from this checkpoint's weights "
       "(post-training); its model and paradigm are kept, and its --data, --vae and --image-size unless "
       "given. Default: from scratch")
-    a("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR exactly where it stopped, "
+    a("--resume", default=None, metavar="RUN_DIR", type=Path("dir"), help="continue RUN_DIR exactly where it stopped, "
       f"writing into RUN_DIR (default: a new run); only {', '.join('--' + f.replace('_', '-') for f in RESUME_OVERRIDES)} may change")
-    a("--ema-decay", type=float, default=0.9999, help="EMA decay (the paper's baseline; it finds 0.99975 best with "
+    a("--ema-decay", type=SHARE, default=0.9999, help="EMA decay (the paper's baseline; it finds 0.99975 best with "
       "LPL), warmed up as min(decay, (1+n)/(10+n)) over the run's steps n; an EMA averages ~1/(1-decay) steps, "
       "so keep that short against a post-training run")
-    a("--label-dropout", type=float, default=0.1, help="share of samples trained with the null class "
+    a("--label-dropout", type=Float(0, 1, hi_open=True), default=0.1, help="share of samples trained with the null class "
       "(classifier-free guidance; DiT's 0.1)")
     a("--loss", default="l2", choices=LOSSES, help="l2: the diffusion loss alone; lpl: plus w_LPL x the "
       "Latent Perceptual Loss; rgb: plus --rgb-weight x the pixel MSE of the fully decoded ẑ0 and z0 on "
       "the samples under τ (the paper's Fig. 7 ablation); self-perceptual: Lin & Yang's objective alone, "
       "on a frozen copy of the --init-from model (the paper's Table 5)")
-    a("--lpl-weight", type=float, default=None, help="w_LPL. Default: the paper's rule (Section 4.3), "
+    a("--lpl-weight", type=Float(0, 1e6, lo_open=True), default=None, help="w_LPL. Default: the paper's rule (Section 4.3), "
       "w_LPL·L_LPL = a fifth of the total loss, measured on the starting model over --lpl-calibration-batches "
       "batches before the first step and stored in the checkpoint (meant for post-training, the paper's use)")
-    a("--lpl-calibration-batches", type=int, default=10, help="batches that measure L_Diff and L_LPL for the "
+    a("--lpl-calibration-batches", type=Int(1, 10000), default=10, help="batches that measure L_Diff and L_LPL for the "
       "default --lpl-weight (their own random draws: the run's batches are the same with any weight)")
-    a("--lpl-tau", type=float, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
+    a("--lpl-tau", type=POSITIVE, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
       "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1); also selects --loss rgb's samples")
-    a("--lpl-blocks", type=int, default=None, help="decoder blocks tapped, the first N in decoding order "
+    a("--lpl-blocks", type=Int(1, 64), default=None, help="decoder blocks tapped, the first N in decoding order "
       "(Fig. 7); default: all")
     a("--lpl-normalization", default="shared", choices=["shared", "separate"],
       help="standardise both feature maps with the prediction's statistics, or each with its own (Sec. 4.3)")
@@ -106,18 +106,18 @@ def build_parser():
       help="ω_l = 2^-r_l (the paper's) or 1 (Sec. 4.3)")
     a("--lpl-no-outliers", action="store_true", help="turn off Algorithm 1's outlier mask")
     a("--lpl-grad-checkpointing", action="store_true", help="recompute decoder blocks in backward")
-    a("--rgb-weight", type=float, default=1.0, help="weight of the pixel MSE of --loss rgb (the paper gives "
+    a("--rgb-weight", type=Float(0, 1e6, lo_open=True), default=1.0, help="weight of the pixel MSE of --loss rgb (the paper gives "
       "none; log.jsonl's aux_share shows its share of the total)")
-    a("--sp-layer", type=int, default=None, help="--loss self-perceptual: the frozen DiT block whose output "
+    a("--sp-layer", type=Int(1, 1000), default=None, help="--loss self-perceptual: the frozen DiT block whose output "
       "is compared (1 = first); default: the middle one (Lin & Yang's mid block)")
     a("--reweight", default="none", choices=["none", "min-snr"], help="per-sample weights on the diffusion "
       "loss: none (the paper's baseline) or min-SNR-γ (Hang et al.; the paper's Table 6)")
-    a("--min-snr-gamma", type=float, default=5.0, help="γ of --reweight min-snr (Hang et al.'s 5)")
+    a("--min-snr-gamma", type=POSITIVE, default=5.0, help="γ of --reweight min-snr (Hang et al.'s 5)")
     a("--compile", action="store_true", help="torch.compile the DiT (not the loss: its hooks break graphs)")
-    a("--log-every", type=int, default=100, help="steps per log.jsonl row")
-    a("--ckpt-every", type=int, default=5000, help="steps per checkpoint (and one at the end)")
-    a("--sample-every", type=int, default=5000, help="steps per sample grid (and one at the end)")
-    a("--num-workers", type=int, default=0, help="data loader workers for the one-time encoding")
+    a("--log-every", type=Int(1), default=100, help="steps per log.jsonl row")
+    a("--ckpt-every", type=Int(1), default=5000, help="steps per checkpoint (and one at the end)")
+    a("--sample-every", type=Int(1), default=5000, help="steps per sample grid (and one at the end)")
+    a("--num-workers", type=Int(0, 256), default=0, help="data loader workers for the one-time encoding")
     return p
 
 
@@ -132,38 +132,33 @@ def get_args(argv=None):
     if args.steps is None and not args.resume:
         args.steps = 50_000
     check_args(args)
+    if not args.resume:  # (a resumed run's own options come from its checkpoint, checked below)
+        requires(args, explicit, REQUIRES)
     return args, explicit
 
 
 def check_args(args):
-    """Reject what would fail (or silently do nothing) minutes later."""
+    """What no option's type can check alone: the options against each other."""
     def need(ok, msg):
         if not ok:
             fail(msg)
-    for name in ("batch_size", "image_size", "log_every", "ckpt_every", "sample_every"):
-        v = getattr(args, name)
-        need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     need(args.batch_size % WORLD == 0, f"--batch-size {args.batch_size} (the global batch) must be a multiple "
          f"of the {WORLD} ranks torchrun started")
-    need(args.images_per_class is None or args.images_per_class >= 1,
-         f"--images-per-class must be >= 1, got {args.images_per_class}")
-    need(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
-    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}")
-    need(0 <= args.ema_decay <= 1, f"--ema-decay must be in [0, 1], got {args.ema_decay}")
-    need(0 <= args.label_dropout < 1, f"--label-dropout must be in [0, 1), got {args.label_dropout}")
-    need(args.lpl_calibration_batches >= 1, f"--lpl-calibration-batches must be >= 1, got {args.lpl_calibration_batches}")
-    need(args.lpl_weight is None or math.isfinite(args.lpl_weight) and args.lpl_weight > 0,
-         f"--lpl-weight must be a positive number, got {args.lpl_weight} (--loss l2 turns LPL off)")
-    need(math.isfinite(args.lpl_tau) and args.lpl_tau > 0, f"--lpl-tau must be a positive number (0 would select "
-         f"no sample), got {args.lpl_tau}")
-    need(args.sp_layer is None or args.sp_layer >= 1, f"--sp-layer must be >= 1 (1 = the first block), got {args.sp_layer}")
-    need(args.lpl_blocks is None or args.lpl_blocks >= 1, f"--lpl-blocks must be >= 1, got {args.lpl_blocks}")
-    need(math.isfinite(args.rgb_weight) and args.rgb_weight > 0, f"--rgb-weight must be a positive number, got {args.rgb_weight}")
-    need(math.isfinite(args.min_snr_gamma) and args.min_snr_gamma > 0,
-         f"--min-snr-gamma must be a positive number, got {args.min_snr_gamma}")
     need(args.loss != "self-perceptual" or args.init_from or args.resume, "--loss self-perceptual needs "
          "--init-from CKPT: the pre-trained model is its frozen feature network (Lin & Yang)")
+    need(not (args.init_from and args.resume), "--init-from starts a new run, --resume continues one: give one")
+
+
+# Options that act only with another option's value; given without it they would be ignored in silence.
+REQUIRES = {
+    **{k: ("loss", {"lpl"}, "--loss lpl") for k in (
+        "lpl_weight", "lpl_calibration_batches", "lpl_blocks", "lpl_normalization", "lpl_detach_sigma",
+        "lpl_layer_weights", "lpl_no_outliers", "lpl_grad_checkpointing")},
+    "lpl_tau": ("loss", {"lpl", "rgb"}, "--loss lpl or rgb"),
+    "rgb_weight": ("loss", {"rgb"}, "--loss rgb"),
+    "sp_layer": ("loss", {"self-perceptual"}, "--loss self-perceptual"),
+    "min_snr_gamma": ("reweight", {"min-snr"}, "--reweight min-snr"),
+}
 
 
 # ------------------------------------------------------------------------------ torchrun (DDP)
@@ -352,6 +347,33 @@ def truncate_log(path, step):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, explicit = get_args(argv)
+    run_dir = args.resume or args.run_dir
+    # One writer per run folder: the lock comes before any check and any work, so a second command on
+    # the same folder stops here, before it could read a half-made state or replace a log.
+    created = make_run_dir(run_dir) if RANK == 0 else False
+    lock = lock_run_dir(run_dir) if RANK == 0 else None
+    try:
+        run(args, explicit)
+    except KeyboardInterrupt:
+        last = os.path.join(run_dir, "ckpt.pt")
+        fail("interrupted; " + (f"the last checkpoint ({load_checkpoint(last)['step']} steps) is in {run_dir}: "
+                                 f"continue with --resume {run_dir}" if os.path.exists(last) else "no checkpoint was written"))
+    finally:
+        if lock is not None:  # (not another process's lock)
+            lock.close()
+            os.remove(os.path.join(run_dir, ".lock"))
+        if created and not os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # leave nothing empty behind
+            log = os.path.join(run_dir, "log.jsonl")
+            if os.path.exists(log) and os.path.getsize(log) == 0:
+                os.remove(log)
+            if not os.listdir(run_dir):
+                os.rmdir(run_dir)
+        if WORLD > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(args, explicit):
+    """Everything main() does under the run folder's lock: check, encode, train."""
     resume, init = None, None
     if args.resume:  # the run's own arguments; only RESUME_OVERRIDES may change, and it writes into RUN_DIR
         resume = load_checkpoint(os.path.join(args.resume, "ckpt.pt"))
@@ -437,36 +459,16 @@ def main(argv=None):
                  f"--image-size {args.image_size} gives {latent_shape}: use the same VAE and image size")
         if len(source["classes"]) != num_classes:
             fail(f"{what} was trained on {len(source['classes'])} classes, --data {args.data} has {num_classes}")
-    created, lock = (make_run_dir(run_dir), None) if RANK == 0 else (False, None)
-    try:
-        if RANK == 0:
-            lock = lock_run_dir(run_dir)
-        trained_on = (resume or {}).get("args", {}).get("latent_cache")
-        cache = cache_path(args, vae, files, known=trained_on or (init or {}).get("args", {}).get("latent_cache"))
-        if trained_on and os.path.basename(trained_on) != os.path.basename(cache):
-            fail(f"the data or VAE at --data {args.data} / --vae {args.vae} are not those {args.resume} was trained on "
-                 f"(files, sizes or dates changed: their latents would be {os.path.basename(cache)}, the run's are "
-                 f"{os.path.basename(trained_on)}); a run resumes only on its own data")
-        args.latent_cache = cache  # saved with the run's arguments: what it was trained on
-        if not os.access(os.path.dirname(cache), os.W_OK):  # the run directory's parent
-            fail(f"cannot write the latent cache into {os.path.dirname(cache)}; pick a --run-dir in a writable folder")
-        train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init)
-    except KeyboardInterrupt:
-        last = os.path.join(run_dir, "ckpt.pt")
-        fail("interrupted; " + (f"the last checkpoint ({load_checkpoint(last)['step']} steps) is in {run_dir}: "
-                                 f"continue with --resume {run_dir}" if os.path.exists(last) else "no checkpoint was written"))
-    finally:
-        if lock is not None:  # (not another process's lock)
-            lock.close()
-            os.remove(os.path.join(run_dir, ".lock"))
-        if created and not os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # leave nothing empty behind
-            log = os.path.join(run_dir, "log.jsonl")
-            if os.path.exists(log) and os.path.getsize(log) == 0:
-                os.remove(log)
-            if not os.listdir(run_dir):
-                os.rmdir(run_dir)
-        if WORLD > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    trained_on = (resume or {}).get("args", {}).get("latent_cache")
+    cache = cache_path(args, vae, files, known=trained_on or (init or {}).get("args", {}).get("latent_cache"))
+    if trained_on and os.path.basename(trained_on) != os.path.basename(cache):
+        fail(f"the data or VAE at --data {args.data} / --vae {args.vae} are not those {args.resume} was trained on "
+             f"(files, sizes or dates changed: their latents would be {os.path.basename(cache)}, the run's are "
+             f"{os.path.basename(trained_on)}); a run resumes only on its own data")
+    args.latent_cache = cache  # saved with the run's arguments: what it was trained on
+    if not os.access(os.path.dirname(cache), os.W_OK):  # the run directory's parent
+        fail(f"cannot write the latent cache into {os.path.dirname(cache)}; pick a --run-dir in a writable folder")
+    train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init)
 
 
 def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init):
@@ -654,7 +656,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         y_s = torch.arange(num_classes, device=device).repeat_interleave(8)[:80]
         zs = generate(ema.eval(), args.paradigm, y_s, num_classes, latent_shape,
                       generator=torch.Generator().manual_seed(args.seed))
-        save_image(decode(vae, zs), grid, nrow=8)
+        with atomic_path(grid) as tmp:
+            save_image(decode(vae, zs), tmp, nrow=8)
 
     model.train()
     while step < args.steps:  # one step: L_tot = L_Diff + w·L_LPL (Section 3.2), or a comparison's loss
@@ -687,4 +690,4 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

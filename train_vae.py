@@ -22,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from cli import HelpFormatter, Parser, fail
+from cli import DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, fail
 from data import atomic_save, read_rgb
 from train import pick_device
 
@@ -30,19 +30,19 @@ from train import pick_device
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--data", required=True, help="training images, an ImageFolder (one subfolder per class) (required)")
-    a("--test-data", required=True, help="test images for the scaling factor and the PSNR (required)")
-    a("--out", required=True, help="the save_pretrained folder to write (required)")
-    a("--image-size", type=int, default=32, help="images are resized to this")
-    a("--steps", type=int, default=3000, help="optimizer steps")
-    a("--batch-size", type=int, default=64, help="images per step")
-    a("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
-    a("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to 0")
-    a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (per-image sum) against the L1 loss")
-    a("--seed", type=int, default=0, help="seeds the initialisation, batches, flips and posterior samples")
-    a("--ckpt-every", type=int, default=500, help="steps per training-state checkpoint in --out")
+    a("--data", required=True, type=Path("dir"), help="training images, an ImageFolder (one subfolder per class) (required)")
+    a("--test-data", required=True, type=Path("dir"), help="test images for the scaling factor and the PSNR (required)")
+    a("--out", required=True, type=Path("out-dir"), help="the save_pretrained folder to write (required)")
+    a("--image-size", type=Int(4, 1024), default=32, help="images are resized to this")
+    a("--steps", type=Int(1), default=3000, help="optimizer steps")
+    a("--batch-size", type=Int(1, 65536), default=64, help="images per step")
+    a("--lr", type=Float(0, 0.1, lo_open=True), default=5e-4, help="peak AdamW learning rate")
+    a("--warmup", type=Int(0), default=100, help="linear warm-up steps, then cosine decay to 0")
+    a("--kl-weight", type=Float(0, 1), default=1e-6, help="weight of the KL term (per-image sum) against the L1 loss")
+    a("--seed", type=SEED, default=0, help="seeds the initialisation, batches, flips and posterior samples")
+    a("--ckpt-every", type=Int(1), default=500, help="steps per training-state checkpoint in --out")
     a("--resume", action="store_true", help="continue from --out/train-state.pt")
-    a("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
+    a("--device", default=None, type=DEVICE, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
     for name in ("image_size", "steps", "batch_size", "ckpt_every"):
         if getattr(args, name) < 1:
@@ -108,6 +108,8 @@ def main(argv=None):
         fail(f"--resume: no {state_path}")
     if not args.resume and os.path.exists(state_path):
         fail(f"{args.out} holds a training state: continue it with --resume, or pick another --out")
+    if not args.resume and os.listdir(args.out):  # e.g. a trained autoencoder: never written over
+        fail(f"--out {args.out} is not empty ({', '.join(sorted(os.listdir(args.out))[:3])}, ...): pick a new folder")
     train_x, test_x = load_images(args.data, args.image_size), load_images(args.test_data, args.image_size)
 
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -147,22 +149,33 @@ def main(argv=None):
     seconds += time.time() - t0
 
     vae.eval()
+    if not all(p.isfinite().all() for p in vae.parameters()):
+        fail(f"the autoencoder's weights are not finite after {step} steps (try a lower --lr); nothing was saved")
     means, psnr = evaluate(vae, test_x, device)  # (vae.decode does not apply scaling_factor)
     scaling_factor = 1 / means.std().item()  # unit-std latents for the diffusion model
     vae.register_to_config(scaling_factor=scaling_factor)
-    vae.save_pretrained(args.out)
+    # Written beside the folder and moved in file by file, metrics.json last: a folder with
+    # metrics.json holds a whole autoencoder, and a killed save leaves no half-written weights.
+    staging = os.path.join(args.out, f".saving-{os.getpid()}")
+    vae.save_pretrained(staging)
+    for f in os.listdir(staging):
+        os.replace(os.path.join(staging, f), os.path.join(args.out, f))
+    os.rmdir(staging)
     metrics = dict(steps=step, batch=args.batch_size, test_psnr_db=round(psnr.mean().item(), 2),
                    latent_std=means.std().item(), scaling_factor=scaling_factor,
                    latent_shape=list(means.shape[1:]), image_size=args.image_size, train_seconds=round(seconds))
-    json.dump(metrics, open(os.path.join(args.out, "metrics.json"), "w"), indent=1)
     from torchvision.utils import save_image
     with torch.no_grad():
         x = to_model(test_x[:20]).to(device)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    save_image(torch.cat([x, rec]).cpu() / 2 + 0.5, os.path.join(args.out, "reconstructions.png"), nrow=20)
+    with atomic_path(os.path.join(args.out, "reconstructions.png")) as tmp:
+        save_image(torch.cat([x, rec]).cpu() / 2 + 0.5, tmp, nrow=20)
+    with atomic_path(os.path.join(args.out, "metrics.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=1)
     print(f"wrote {args.out}: test PSNR {metrics['test_psnr_db']} dB, scaling_factor {scaling_factor:.4f}, "
           f"latents {tuple(means.shape[1:])}, {seconds / 60:.0f} min")
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)
