@@ -220,7 +220,7 @@ class Stage:
         self.units, self.rate = units, rate  # work units (steps, images, samples) and the timing key
         self.capture = capture  # a results file the commands' stdout goes to (scores, tables)
         self.train_dir, self.steps = train_dir, steps  # a train.py run: resumable
-        self.scratch = scratch  # a folder removed before the stage (re)starts: samples of a killed score
+        self.scratch = scratch  # removed before the stage (re)starts: what a killed attempt left (samples, a file)
         # Files the commands write to {out} (figures) land in results/OUTPUTS/ once the stage succeeds:
         # a killed stage leaves no half-made figure in results, and a re-run never meets its own old one.
         self.outputs = outputs
@@ -236,7 +236,8 @@ def build_stages(cfg):
     add = S.append
     toy = cfg["data"] == "toy"
     if toy:
-        add(Stage("data", "data", [["data.py", "toy", "{work}/toy", "--per-class", "32"]], artifact="{work}/toy"))
+        add(Stage("data", "data", [["data.py", "toy", "{work}/toy", "--per-class", "32"]], artifact="{work}/toy",
+                  scratch="{work}/toy"))
     train_data = "{work}/toy/images" if toy else "{data}/train"
     test_data = "{work}/toy/images" if toy else "{data}/test"
     data_dep = ["data"] if toy else []
@@ -258,7 +259,7 @@ def build_stages(cfg):
     n_ref = cfg["reference"]["n"]
     add(Stage("reference", "ref", [["metrics.py", "stats", train_data, f"{{work}}/reference-{n_ref}.npz", "--n",
                                     str(n_ref)]], deps=data_dep, artifact=f"{{work}}/reference-{n_ref}.npz",
-              units=n_ref, rate="ref_image"))
+              units=n_ref, rate="ref_image", scratch=f"{{work}}/reference-{n_ref}.npz"))
 
     def score(name, run, deps):
         samples = f"{{work}}/samples/{name}"
@@ -610,9 +611,13 @@ class Driver:
         return cmds
 
     def launch(self, stage, slot, threads, gpus):
-        """Start a stage's commands in one child shell; its output goes to runs/NAME/logs/STAGE.log."""
-        if stage.scratch:
-            shutil.rmtree(self.paths.fill(stage.scratch), ignore_errors=True)
+        """Start a stage's commands one after the other; their output goes to runs/NAME/logs/STAGE.log
+        (stdout to the stage's capture file when its output is kept: scores, tables)."""
+        if stage.scratch:  # what an unfinished attempt left: the stage is its only writer, and not done
+            scratch = self.paths.fill(stage.scratch)
+            if os.path.isfile(scratch):
+                os.remove(scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
             if stage.outputs is not None:
                 os.makedirs(self.paths.fill(stage.scratch), exist_ok=True)
         log = os.path.join(self.paths.work, "logs", stage.name.replace("/", "__") + ".log")
@@ -626,17 +631,29 @@ class Driver:
             env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
         else:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        lines = []
-        for cmd in self.argv(stage):
-            line = shlex.join([sys.executable, *cmd])
-            lines.append(line + (f" >> {shlex.quote(capture)}" if capture else ""))
-        script = "set -e\n" + (f": > {shlex.quote(capture)}\n" if capture else "") + "\n".join(lines) + "\n"
+        cmds = self.argv(stage)
         with open(log, "a") as f:
-            f.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {stage.name}\n{script}")
-        logf = open(log, "a")
-        proc = subprocess.Popen(["bash", "-c", script], cwd=HERE, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                preexec_fn=die_with_parent, start_new_session=True)
-        return dict(proc=proc, stage=stage, start=time.time(), log=log, capture=capture, logf=logf)
+            f.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {stage.name}\n"
+                    + "".join(shlex.join([sys.executable, *c]) + "\n" for c in cmds))
+        if capture:
+            open(capture, "w").close()
+        job = dict(stage=stage, start=time.time(), log=log, capture=capture, logf=open(log, "a"), env=env,
+                   queue=list(cmds), proc=None)
+        self.next_command(job)
+        return job
+
+    def next_command(self, job):
+        """Start the stage's next command as a direct child of the driver (no shell between them: a
+        child dies with the driver, SIGKILL included, and a shell's own children would not)."""
+        if not job["queue"]:
+            job["proc"] = None
+            return
+        cmd = job["queue"].pop(0)
+        out = open(job["capture"], "a") if job["capture"] else job["logf"]
+        job["proc"] = subprocess.Popen([sys.executable, *cmd], cwd=HERE, env=job["env"], stdout=out,
+                                       stderr=job["logf"], preexec_fn=die_with_parent, start_new_session=True)
+        if out is not job["logf"]:
+            out.close()  # (the child holds its own descriptor)
 
     def finish(self, job):
         """A stage that exited 0: keep its small outputs under results/ and write its record."""
@@ -673,8 +690,11 @@ class Driver:
         last_line = 0.0
         while todo or running:
             for job in list(running):
-                rc = job["proc"].poll()
+                rc = job["proc"].poll() if job["proc"] is not None else 0
                 if rc is None:
+                    continue
+                if rc == 0 and job["queue"]:  # the stage's next command
+                    self.next_command(job)
                     continue
                 job["logf"].close()
                 running.remove(job)
@@ -720,9 +740,10 @@ class Driver:
                          + ", ".join(self.progress(j) for j in running) + f"; {self.eta()}")
             time.sleep(0.5)
         for job in running:  # a failure stops the others where their checkpoints are
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job["proc"].pid, signal.SIGTERM)
-            job["proc"].wait()
+            if job["proc"] is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(job["proc"].pid, signal.SIGTERM)
+                job["proc"].wait()
         if failed:
             stage, rc, info = failed
             if rc is None:

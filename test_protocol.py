@@ -101,9 +101,21 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_and_redoes_nothing(fini
     for stage in before.values():  # nothing half written: every kept file has its record
         assert stage["key"]
     assert not (tmp_path / "results/eps/l2-s0/score.txt").exists()
+    # again, now while a score runs (two commands, sample.py then metrics.py: none may outlive the driver)
+    proc = drive(tmp_path, "protocols/smoke.py", "--jobs", "2", wait=False)
+    samples, rec = tmp_path / "runs/samples/eps/l2-s0", tmp_path / "results/stages/eps__l2-s0__score.json"
+    while not (samples.exists() and any(samples.iterdir()) and not rec.exists()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)
+    busy = subprocess.run(["pgrep", "-f", str(tmp_path / "runs")], capture_output=True, text=True).stdout
+    assert busy == "", "a score's command outlived the killed driver"
+    first = proc.stdout.read()
+    assert re.search(r"start: eps/l2-s0 \(from step [1-9]", first), first  # resumed, not restarted
     res = drive(tmp_path, "protocols/smoke.py", "--jobs", "2")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert re.search(r"start: eps/l2-s0 \(from step [1-9]", res.stdout), res.stdout  # resumed, not restarted
     after = records(tmp_path / "results")
     for name, stage in before.items():  # no finished stage was redone
         assert after[name]["finished"] == stage["finished"], name
