@@ -120,7 +120,7 @@ def main(argv=None):
             out = model(z_t, timestep=t, class_labels=y).sample.float()
             loss = F.mse_loss(out, eps)
             if tau is not None:
-                m = lpl_mask(alpha, sigma, tau)
+                m = lpl_mask(alpha, sigma, tau, 1.0)  # tau_k is already on the raw σ/α
                 if m.any():
                     z0_hat = z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], "eps")
                     loss = loss + 3.0 * lpl(z0_hat, z0[m]).sum() / B

@@ -99,9 +99,10 @@ def _schedule_value(x, device=None):
 # Section 4.1 scales τ_σ by the upscaling factor of the resolution, as SD3 shifts its schedule
 # (the SD3 shift multiplies σ/α by that factor, so scaling τ_σ by it keeps the same samples in).
 # ----------------------------------------------------------------------------------------------
-def lpl_mask(alpha_t, sigma_t, tau, resolution_scale=1.0):
-    """(B,) bool: which samples get LPL. tau is a number or (B,); resolution_scale = resolution /
-    the resolution τ was tuned at."""
+def lpl_mask(alpha_t, sigma_t, tau, resolution_scale):
+    """(B,) bool: which samples get LPL. tau is a number or (B,); resolution_scale = latent width /
+    64, the width τ is given at (batch_loss's default). It has no default here, so that no caller
+    applies τ unscaled by accident: one rule for both."""
     tau = torch.as_tensor(tau)
     if tau.isnan().any() or (tau < 0).any():
         raise ValueError(f"the LPL noise threshold tau must be >= 0, got {tau.tolist()}")
@@ -203,8 +204,11 @@ def _odd(k, up):
 # the model cannot predict (variance N) and ϕ̂ = a·s (s of variance S), E[loss] ∝ ((1 − a)² S + N) /
 # (a² S) is smallest at a = 1 + N/S, inflated features wherever ẑ0 is uncertain. With σ̂ held
 # constant the gradient vanishes at a = 1, the conditional mean, as for ℓ2 (test_lpl.py checks
-# both). The authors' code normalises by the target's norm, which carries no gradient either. So σ̂
+# both). The authors' code, in its "shared" mode, normalises by the target's norm, which carries no
+# gradient either (its default mode divides the prediction by its own norm, with gradient). So σ̂
 # is a constant by default (detach_sigma=True); detach_sigma=False differentiates it as written.
+# detach_sigma concerns the shared σ̂ only: the "separate" ablation (Section 4.3) standardises each
+# map by its own statistics, with their gradients, as the paper describes it.
 # ----------------------------------------------------------------------------------------------
 def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=True, eps=1e-6):
     """Per-channel Eq. 3 term ‖ρ ⊙ (ϕ' − ϕ̂')‖² / |ρ| for ϕ, ϕ̂ (B, C, H, W), rho bool -> (B, C)."""
@@ -212,7 +216,7 @@ def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=True,
     rho = rho.flatten(2).float()  # (B, C, N): 1 = kept, 0 = outlier
     n = rho.sum(-1).clamp(min=1)  # (B, C): kept positions, 0 -> 1
     mu_hat, var_hat = _masked_moments(phi_hat, rho, n, eps)  # (B, C, 1), (B, C)
-    if detach_sigma:
+    if detach_sigma and normalization == "shared":  # (separate: each map's own statistics, with gradient)
         var_hat = var_hat.detach()
     if normalization == "shared":  # ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂: divide once per channel, after the sum
         return (rho * (phi - phi_hat)).square().sum(-1) / (n * var_hat)  # (B, C)
@@ -438,7 +442,8 @@ class LatentPerceptualLoss(nn.Module):
             loss = loss + w * d.mean(1)  # ω_l / C_l Σ_c
         return loss  # (B,)
 
-    def batch_loss(self, pred, z_t, z0, alpha_t, sigma_t, parameterization, tau=4.0, resolution_scale=None):
+    def batch_loss(self, pred, z_t, z0, alpha_t, sigma_t, parameterization, tau=4.0, resolution_scale=None,
+                   return_selected=False, allow_linear=False):
         """w_LPL's term in one call: Eq. 3 with δ, as the expectation over the batch, from the tensors
         of the host's diffusion step. The samples under the noise threshold are selected (lpl_mask),
         their ẑ0 computed (z0_from_prediction) and decoded; the others count as 0, so the result is
@@ -450,6 +455,10 @@ class LatentPerceptualLoss(nn.Module):
                  alpha_sigma_from_flow_time).
         tau:     τ on σ/α (3–6 best, Fig. 6), given at 64×64 latents (this project's reading of the
                  paper's 512 px at f8); resolution_scale defaults to latent width / 64.
+        return_selected: also return δ, the (B,) bool of the samples that got LPL: at small latents
+                 LPL fires rarely (8×8: σ/α ≤ 0.5), and a host can log m.float().mean() to see it ran.
+        allow_linear: an ε or v model trained on the linear path α_t + σ_t = 1 (refused by default,
+                 since that is far more often ᾱ_t and 1 − ᾱ_t passed for α_t and σ_t).
         """
         if parameterization not in PARAMETERIZATIONS:  # checked even when no sample is selected
             raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
@@ -461,10 +470,11 @@ class LatentPerceptualLoss(nn.Module):
         if parameterization == "flow" and not torch.allclose(a + s, torch.ones_like(a), atol=1e-4):
             raise ValueError("flow: α_t = 1 − σ_t (z_t = (1 − t) z0 + t ε, α_t = 1 − t, σ_t = t); for a codebase where "
                              "t = 1 is the data use alpha_sigma_from_flow_time(t, data_at=1) and pass −u")
-        if parameterization in ("eps", "v") and ((a > 0) & (a < 1)).any() and torch.allclose(a + s, torch.ones_like(a), atol=1e-6):
+        if (parameterization in ("eps", "v") and not allow_linear and ((a > 0) & (a < 1)).any()
+                and torch.allclose(a + s, torch.ones_like(a), atol=1e-6)):
             raise ValueError("α_t + σ_t = 1 for every sample: that is ᾱ_t and 1 − ᾱ_t, not DDPM's α_t = √ᾱ_t, σ_t = "
-                             "√(1 − ᾱ_t) (alpha_sigma_from_alphas_cumprod gives them); an ε/v model on the linear path "
-                             "calls lpl_mask, z0_from_prediction and the loss itself")
+                             "√(1 − ᾱ_t) (alpha_sigma_from_alphas_cumprod gives them); for an ε/v model really trained "
+                             "on the linear path, pass allow_linear=True")
         if pred.shape != z_t.shape or z0.shape != z_t.shape:
             z0_from_prediction(pred, z_t, a, s, parameterization)  # raises the learned-sigma hint, if it is that
             raise ValueError(f"z0 {tuple(z0.shape)} and z_t {tuple(z_t.shape)} differ in shape")
@@ -472,9 +482,11 @@ class LatentPerceptualLoss(nn.Module):
             resolution_scale = z_t.shape[-1] / 64
         m = lpl_mask(a, s, tau, resolution_scale)  # (B,) bool
         if not m.any():  # (host syncs here and in the checks above; this one skips the decoder passes)
-            return pred.new_zeros((), dtype=torch.float32)
-        z0_hat = z0_from_prediction(pred[m], z_t[m], a[m], s[m], parameterization)  # (B_sel, C, h, w)
-        return self(z0_hat, z0[m]).sum() / len(z_t)  # E_batch[δ · L_LPL]
+            loss = pred.new_zeros((), dtype=torch.float32)
+        else:
+            z0_hat = z0_from_prediction(pred[m], z_t[m], a[m], s[m], parameterization)  # (B_sel, C, h, w)
+            loss = self(z0_hat, z0[m]).sum() / len(z_t)  # E_batch[δ · L_LPL]
+        return (loss, m) if return_selected else loss
 
     def outlier_mask(self, f):
         """ρ_l from the target's features ϕ, as in the authors' code (Eq. 3 writes ρ(ϕ̂)): a mask

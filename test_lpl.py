@@ -74,16 +74,16 @@ def test_unknown_parameterization_is_a_clear_error():
 # ---------------------------------------------------------------- δ(σ_t ≤ τ_σ)
 def test_noise_threshold_at_known_alpha_sigma():
     alpha, sigma = torch.tensor([0.8, 0.6, 0.0, 1.0]), torch.tensor([0.6, 0.8, 1.0, 0.0])  # σ/α = .75, 1.33, ∞, 0
-    assert lpl_mask(alpha, sigma, tau=1.0).tolist() == [True, False, False, True]
-    assert lpl_mask(alpha, sigma, tau=0.5).tolist() == [False, False, False, True]
+    assert lpl_mask(alpha, sigma, tau=1.0, resolution_scale=1.0).tolist() == [True, False, False, True]
+    assert lpl_mask(alpha, sigma, tau=0.5, resolution_scale=1.0).tolist() == [False, False, False, True]
     assert lpl_mask(alpha, sigma, tau=0.5, resolution_scale=2.0).tolist() == [True, False, False, True]
     assert lpl_mask(alpha, sigma, tau=0.7, resolution_scale=2.0).tolist() == [True, True, False, True]
     with pytest.raises(ValueError, match="tau must be >= 0"):
-        lpl_mask(alpha, sigma, tau=-1.0)
+        lpl_mask(alpha, sigma, tau=-1.0, resolution_scale=1.0)
     with pytest.raises(ValueError, match="tau must be >= 0"):
-        lpl_mask(alpha, sigma, tau=float("nan"))
+        lpl_mask(alpha, sigma, tau=float("nan"), resolution_scale=1.0)
     # a per-sample τ (B,): each sample against its own threshold
-    assert lpl_mask(alpha, sigma, tau=torch.tensor([1.0, 2.0, 1e9, 0.0])).tolist() == [True, True, False, True]
+    assert lpl_mask(alpha, sigma, tau=torch.tensor([1.0, 2.0, 1e9, 0.0]), resolution_scale=1.0).tolist() == [True, True, False, True]
 
 
 # ---------------------------------------------------------------- Algorithm 1
@@ -737,14 +737,14 @@ def test_host_trainer_traps_are_clear_errors():
     with pytest.raises(ValueError, match="must be floats, got torch.int64: pass the schedule's values at t"):
         lpl.batch_loss(z0, z_t, z0, torch.tensor([3, 500]), torch.tensor([3, 500]), "eps")
     with pytest.raises(ValueError, match="must be floats"):
-        lpl_mask(torch.tensor([3, 500]), torch.tensor([3, 500]), 4.0)
+        lpl_mask(torch.tensor([3, 500]), torch.tensor([3, 500]), 4.0, 1.0)
     abar = torch.tensor([0.9, 0.6])
     with pytest.raises(ValueError, match="that is ᾱ_t and 1 − ᾱ_t"):
         lpl.batch_loss(z0, z_t, z0, abar, 1 - abar, "eps")
     with pytest.raises(ValueError, match="flow: α_t = 1 − σ_t"):
         lpl.batch_loss(z0, z_t, z0, alpha, alpha, "flow")
     with pytest.raises(ValueError, match=">= 0"):
-        lpl_mask(torch.tensor([-0.5]), torch.tensor([0.5]), 4.0)
+        lpl_mask(torch.tensor([-0.5]), torch.tensor([0.5]), 4.0, 1.0)
 
 
 def readme_recipes():
@@ -2023,3 +2023,87 @@ def test_bench_checks_its_inputs():
                            (["--image-size", "20"], "must be a multiple of 16"),
                            (["--lpl-fraction", "0"], "argument --lpl-fraction: '0' is not a finite number > 0")):
         assert expected in one_line_error(bench.main, argv), argv
+
+
+# ================================================================ issue 28: one rule, told to the host
+def _eps_batch(B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0, eps = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
+    alpha = torch.linspace(0.99, 0.1, B)
+    sigma = (1 - alpha ** 2).sqrt()
+    z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
+    return z0, eps, z_t, alpha, sigma
+
+
+def test_batch_loss_tells_the_host_which_samples_got_lpl_by_the_one_rule_of_the_scale():
+    """return_selected gives δ without a second call, and it is lpl_mask at latent width / 64, the
+    rule lpl_mask now has to be given (it had a default of 1: τ unscaled)."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=3))
+    z0, eps, z_t, alpha, sigma = _eps_batch()
+    pred = eps + 0.2 * torch.randn_like(eps)
+    loss, m = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0, return_selected=True)
+    assert m.dtype == torch.bool and m.tolist() == lpl_mask(alpha, sigma, 16.0, z_t.shape[-1] / 64).tolist()
+    assert 0 < m.sum() < len(m)
+    torch.testing.assert_close(loss, lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0))
+    none, m0 = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=1e-3, return_selected=True)
+    assert none.item() == 0 and not m0.any()
+    import inspect
+    assert inspect.signature(lpl_mask).parameters["resolution_scale"].default is inspect.Parameter.empty
+
+
+def test_detach_sigma_concerns_the_shared_sigma_only():
+    """In the 'separate' ablation each map is standardised by its own statistics, with gradient, as
+    Section 4.3 describes it; detach_sigma (about the shared σ̂) leaves it unchanged. Before, it
+    detached the prediction's σ̂ there too."""
+    vae = tiny_vae(blocks=3)
+    z0 = torch.randn(2, 4, 4, 4)
+    grads = {}
+    for norm in ("shared", "separate"):
+        for detach in (False, True):
+            z0_hat = (z0 + 0.5 * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))).requires_grad_()
+            LatentPerceptualLoss(vae, normalization=norm, detach_sigma=detach)(z0_hat, z0).sum().backward()
+            grads[norm, detach] = z0_hat.grad
+    assert not torch.allclose(grads["shared", False], grads["shared", True])
+    torch.testing.assert_close(grads["separate", False], grads["separate", True], rtol=0, atol=0)
+
+
+def test_an_eps_model_on_the_linear_path_is_expressible():
+    """α_t + σ_t = 1 under eps is refused by default (it is nearly always ᾱ_t passed as α_t), and
+    allow_linear=True lets a model really trained that way through, equal to the building blocks."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=3))
+    z0, eps = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
+    t = torch.tensor([0.02, 0.05, 0.3, 0.9])
+    alpha, sigma = 1 - t, t
+    z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
+    pred = eps + 0.1 * torch.randn_like(eps)
+    with pytest.raises(ValueError, match="allow_linear=True"):
+        lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps")
+    got = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0, allow_linear=True)
+    m = lpl_mask(alpha, sigma, 16.0, 4 / 64)
+    expected = lpl(z0_from_prediction(pred[m], z_t[m], alpha[m], sigma[m], "eps"), z0[m]).sum() / 4
+    assert m.any() and torch.allclose(got, expected)
+
+
+def test_post_training_at_a_higher_resolution_carries_every_weight_and_scales_tau(assets, tmp_path, monkeypatch):
+    """--init-from with a larger --image-size (the paper's 256 -> 512 px post-training): the model is
+    built at the new latent width, every learned weight comes over (one step at lr 1e-4 moves none by
+    more than ~lr), τ scales by the new width / 64, and the checkpoint samples at the new size."""
+    pre = load(assets / "runs" / "pre" / "ckpt.pt")
+    scales = []
+    real_mask = train.lpl_mask
+    monkeypatch.setattr(train, "lpl_mask", lambda a, s, tau, r: scales.append(r) or real_mask(a, s, tau, r))
+    run = tmp_path / "big"
+    train.main(["--init-from", str(assets / "runs" / "pre" / "ckpt.pt"), "--image-size", "32", "--steps", "1",
+                "--loss", "lpl", "--lpl-weight", "1", "--run-dir", str(run), "--batch-size", "8", "--sample-every", "1000"])
+    ck = load(run / "ckpt.pt")
+    assert tuple(ck["latent_shape"]) == (4, 16, 16) and ck["model_config"]["sample_size"] == 16
+    assert tuple(pre["latent_shape"]) == (4, 8, 8)
+    assert ck["model"].keys() == pre["model"].keys()
+    for k, v in pre["model"].items():
+        assert (ck["model"][k] - v).abs().max() <= 2e-4, k  # carried over, then one small step
+    assert scales and set(scales) == {16 / 64}
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "g.png"), "--per-class", "1", "--steps", "2"])
+    assert Image.open(tmp_path / "g.png").size == (1 * 34 + 2, 3 * 34 + 2)  # 32 px images, one per class
+    msg = one_line_error(train.main, ["--init-from", str(assets / "runs" / "pre" / "ckpt.pt"), "--vae",
+                                      str(assets / "vae8"), "--run-dir", str(tmp_path / "c8"), "--steps", "1"])
+    assert "use the same VAE" in msg

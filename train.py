@@ -454,9 +454,17 @@ def run(args, explicit):
     source = init or resume
     if source is not None:
         what = args.init_from or args.resume
-        if tuple(source["latent_shape"]) != latent_shape:
+        # A post-training may change the resolution (the paper post-trains 512 px models from 256 px ones,
+        # Table 2): DiT's positional embedding is a fixed sin-cos table over patch positions, so every
+        # learned weight carries over. Channels must match, and a resumed run keeps its own size.
+        resized = init is not None and source["latent_shape"][0] == latent_shape[0]
+        if tuple(source["latent_shape"]) != latent_shape and not resized:
             fail(f"{what} was trained on latents {tuple(source['latent_shape'])}, but --vae {args.vae} at "
-                 f"--image-size {args.image_size} gives {latent_shape}: use the same VAE and image size")
+                 f"--image-size {args.image_size} gives {latent_shape}: use the same VAE"
+                 + ("" if init is not None else " and image size"))
+        if tuple(source["latent_shape"]) != latent_shape and RANK == 0:
+            print(f"post-training at latents {latent_shape} from {what}'s {tuple(source['latent_shape'])}: every weight "
+                  f"carries over, τ scales by latent width / 64 ({latent_shape[-1] / 64:g})")
         if len(source["classes"]) != num_classes:
             fail(f"{what} was trained on {len(source['classes'])} classes, --data {args.data} has {num_classes}")
     trained_on = (resume or {}).get("args", {}).get("latent_cache")
@@ -486,8 +494,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
     model_cfg = dict(MODELS[args.model], in_channels=latent_shape[0], out_channels=latent_shape[0],
                      sample_size=latent_shape[-1], num_embeds_ada_norm=num_classes)
     source = resume or init
-    if source is not None:
-        model_cfg = source["model_config"]
+    if source is not None:  # (at the new latent width, for a post-training that changes the resolution)
+        model_cfg = dict(source["model_config"], sample_size=latent_shape[-1])
     model = build_model(model_cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
