@@ -455,8 +455,8 @@ def host():
 
 # ------------------------------------------------------------------------------ the driver
 class Driver:
-    def __init__(self, cfg, paths, jobs, device=None, out=functools.partial(print, flush=True)):
-        self.cfg, self.paths, self.jobs, self.device, self.say = cfg, paths, jobs, device, out
+    def __init__(self, cfg, paths, jobs, device=None, redo=False, out=functools.partial(print, flush=True)):
+        self.cfg, self.paths, self.jobs, self.device, self.redo, self.say = cfg, paths, jobs, device, redo, out
         self.stages = build_stages(cfg)
         self.by_name = {s.name: s for s in self.stages}
         self.host = host()
@@ -509,15 +509,27 @@ class Driver:
         compares runs of two base models."""
         for d in stage.deps:
             now = (self.record(self.by_name[d]) or {}).get("artifact_hash")
-            for other in self.stages:
-                rec = self.record(other)
-                if other is stage or not rec or d not in rec.get("inputs", {}):
-                    continue
-                was = rec["inputs"][d]
-                if now and was and now != was:
-                    return (f"{d} was re-made here and differs from the one {other.name} used (fingerprint {now} "
-                            f"against {was}): finishing on it would pair runs of two different {d}s. "
-                            f"Run again with --redo-changed to redo the stages that read it, or restore it")
+            stale = [o for o in self.stages if o is not stage and (self.record(o) or {}).get("inputs", {}).get(d)
+                     not in (None, now)] if now else []
+            if not stale:
+                continue
+            if self.redo:  # the finished stages that read the old one, and all that read them, are to do again
+                gone = {o.name for o in stale}
+                for o in self.stages:  # (stages come in dependency order)
+                    if set(o.deps) & gone:
+                        gone.add(o.name)
+                for o in self.stages:
+                    if o.name in gone and o is not stage:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(self.paths.record(o))
+                        if o.train_dir:  # its checkpoint was trained from the old one
+                            shutil.rmtree(self.paths.fill(o.train_dir), ignore_errors=True)
+                return (f"{d} was re-made here and differs from the one {len(stale)} finished stage(s) used "
+                        f"({', '.join(o.name for o in stale[:4])}, ...): their records are removed (--redo-changed); "
+                        f"run the same command again to redo them on the new {d}")
+            return (f"{d} was re-made here and differs from the one {stale[0].name} used (fingerprint {now} against "
+                    f"{self.record(stale[0])['inputs'][d]}): finishing on it would pair runs of two different {d}s. "
+                    f"Run again with --redo-changed to redo the stages that read the old one")
         return None
 
     # -------------------------------------------------------------- the plan
@@ -846,7 +858,8 @@ def main(argv=None):
     a("--device", default=None, type=DEVICE, help="cpu, cuda or cuda:N for every stage (default: each script's own: "
       "cuda if there is one, else cpu)")
     a("--redo-changed", action="store_true", help="re-run the finished stages the protocol file now gives "
-      "another command for (default: refuse)")
+      "another command for, or that read an input (a base model, the autoencoder) re-made with other weights "
+      "(default: refuse)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--dry-run | head` ends quietly
     if args.jobs < 1:
@@ -865,7 +878,7 @@ def main(argv=None):
     if args.device:
         from train import pick_device
         pick_device(args.device)  # one line now if this machine has no such device
-    driver = Driver(cfg, paths, args.jobs, args.device)
+    driver = Driver(cfg, paths, args.jobs, args.device, args.redo_changed)
     changed = driver.changed()
     if changed and not args.redo_changed:
         names = ", ".join(s.name for s, _ in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")

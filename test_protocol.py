@@ -203,6 +203,13 @@ def test_a_remade_base_is_not_paired_with_runs_of_the_old_one(finished, tmp_path
     (stages / "eps__base.json").write_text(json.dumps(base))
     msg = one_line_failure(drive(tmp_path))
     assert "eps/base" in msg and "differs" in msg, msg
+    msg = one_line_failure(drive(tmp_path, "protocols/smoke.py", "--redo-changed"))
+    assert "records are removed" in msg, msg
+    for gone in ("eps__l2-s0", "eps__l2-s0__score", "eps__table", "eps__figures"):  # and all that read them
+        assert not (stages / f"{gone}.json").exists(), gone
+    assert not (tmp_path / "runs/eps/l2-s0").exists()  # its checkpoint came from the old base
+    plan = drive(tmp_path, "protocols/smoke.py", "--dry-run")
+    assert re.search(r"eps/l2-s0 +to do", plan.stdout), plan.stdout
 
 
 def test_stage_keys_follow_commands_not_paths():
