@@ -462,8 +462,9 @@ def test_shared_normalization_uses_prediction_statistics():
 @pytest.mark.parametrize("detach_sigma", [False, True])
 @pytest.mark.parametrize("normalization", ["shared", "separate"])
 def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalization, detach_sigma):
-    """Per (sample, channel): standardise the kept positions (boolean indexing; only σ̂ detached when
-    asked), take the mean squared difference; value and gradient must match, on channels-last maps."""
+    """Per (sample, channel): standardise the kept positions (boolean indexing; only the shared σ̂
+    detached when asked: the separate ablation keeps its statistics' gradients), take the mean squared
+    difference; value and gradient must match, on channels-last maps."""
     torch.manual_seed(0)
     phi = torch.randn(2, 3, 6, 6) * 4 + 1
     phi_hat = (phi + torch.randn_like(phi)).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -475,7 +476,8 @@ def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalizat
 
             def standardise(x, s):
                 var = s.var(correction=0)
-                return (x - s.mean()) / ((var.detach() if detach_sigma else var) + 1e-6).sqrt()
+                detach = detach_sigma and normalization == "shared"
+                return (x - s.mean()) / ((var.detach() if detach else var) + 1e-6).sqrt()
             stats = fh if normalization == "shared" else f
             ref[b, c] = ((standardise(f, stats) - standardise(fh, fh)) ** 2).mean()
     (g_ref,) = torch.autograd.grad(ref.sum(), phi_hat)
