@@ -1238,8 +1238,8 @@ def test_init_from_checks_what_the_checkpoint_was_trained_on(assets, tmp_path):
     other = tmp_path / "two-classes"
     write_pngs(other, classes=("a", "b"))
     cases = {
-        "latents (4, 8, 8)": ["--vae", str(assets / "vae8")],
-        "latents (4, 8, 8), but": ["--image-size", "32"],
+        "latents (4, 8, 8)": ["--vae", str(assets / "vae8")],  # (another --image-size is a post-training at
+        # that resolution now: test_post_training_at_a_higher_resolution_carries_every_weight_and_scales_tau)
         "trained on 3 classes": ["--data", str(other)],
         "does not match": ["--model", "DiT-S/2"],
     }
