@@ -349,7 +349,7 @@ def train_rate(base, args):
 
 # ------------------------------------------------------------------------------ state on disk
 class Paths:
-    def __init__(self, cfg, work, results, data):
+    def __init__(self, work, results, data):
         self.work, self.results, self.data = work, results, data
         self.stages = os.path.join(results, "stages")
 
@@ -874,7 +874,7 @@ def main(argv=None):
     results = os.path.abspath(args.results or os.path.join(HERE, "results", name))
     data = None if cfg["data"] == "toy" else os.path.abspath(args.data or os.path.join(HERE, cfg["data"])
                                                               if not os.path.isabs(args.data or cfg["data"]) else args.data or cfg["data"])
-    paths = Paths(cfg, work, results, data)
+    paths = Paths(work, results, data)
     if args.device:
         from train import pick_device
         pick_device(args.device)  # one line now if this machine has no such device
