@@ -82,14 +82,18 @@ def _per_sample(x, ref):
 
 
 def _schedule_value(x, device=None):
-    """α_t or σ_t (a number, tensor or numpy array) as a float tensor (on `device` if given); integers
-    are refused: they are almost always the timestep t passed where its α_t or σ_t belongs."""
+    """α_t or σ_t (a number, tensor or numpy array) as a float tensor (on `device` if given). Every entry
+    point checks its schedule values here, before any broadcasting or selection could hide a bad one:
+    integers are refused (almost always the timestep t passed where its α_t or σ_t belongs), and so are
+    NaN, inf and negative values (z_t = α_t z0 + σ_t ε has α_t, σ_t ≥ 0 in every parameterization)."""
     x = torch.as_tensor(x)
     if not x.is_floating_point():
         raise ValueError(f"α_t and σ_t must be floats, got {x.dtype}: pass the schedule's values at t, not t "
                          f"itself (alpha_sigma_from_alphas_cumprod / alpha_sigma_from_flow_time give them)")
     if not torch.isfinite(x).all():  # a NaN compares false everywhere: the sample would silently get no loss
         raise ValueError("α_t and σ_t must be finite numbers, got NaN or inf")
+    if (x < 0).any():
+        raise ValueError(f"α_t and σ_t must be >= 0 (z_t = α_t z0 + σ_t ε), got {x.min().item():g}")
     return x if device is None else x.to(device)
 
 
@@ -110,8 +114,6 @@ def lpl_mask(alpha_t, sigma_t, tau, resolution_scale):
         raise ValueError(f"resolution_scale must be > 0, got {resolution_scale}")
     alpha_t = _schedule_value(alpha_t)
     sigma_t = _schedule_value(sigma_t, alpha_t.device)
-    if (alpha_t < 0).any() or (sigma_t < 0).any():
-        raise ValueError("α_t and σ_t must be >= 0 (z_t = α_t z0 + σ_t ε)")
     return sigma_t <= tau.to(alpha_t.device) * resolution_scale * alpha_t  # σ/α ≤ τ, no division by α = 0
 
 
@@ -525,4 +527,6 @@ def alpha_sigma_from_flow_time(t, data_at=0):
     if data_at not in (0, 1):
         raise ValueError(f"data_at must be 0 or 1 (the flow time at which z_t is the data), got {data_at}")
     t = _schedule_value(t)
+    if (t > 1).any():
+        raise ValueError(f"a flow time t must be in [0, 1], got {t.max().item():g}")
     return (1 - t, t) if data_at == 0 else (t, 1 - t)

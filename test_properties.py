@@ -46,6 +46,7 @@ def test_z0_from_prediction_is_finite_of_the_shape_or_a_value_error(b, c, h, dty
     out = finite_or_value_error(lpl.z0_from_prediction, pred, z_t, a, s, param)
     if out is not None:
         assert param in lpl.PARAMETERIZATIONS, f"{param!r} must be refused"
+        assert all(0 <= x < math.inf for x in a.tolist() + s.tolist()), "a NaN, inf or negative α, σ must be refused"
         assert out.shape == z_t.shape
         assert torch.isfinite(out.float()).all(), (param, alpha, sigma)
 
@@ -114,6 +115,6 @@ def test_alphas_cumprod_roots_are_taken_in_the_table_s_precision():
 def test_alpha_sigma_from_flow_time_or_a_value_error(t, data_at):
     out = finite_or_value_error(lpl.alpha_sigma_from_flow_time, torch.tensor(t, dtype=torch.float64), data_at)
     if out is not None:
-        assert data_at in (0, 1) and not any(math.isnan(x) or math.isinf(x) for x in t)
+        assert data_at in (0, 1) and all(0 <= x <= 1 for x in t), "a flow time outside [0, 1] must be refused"
         a, s = out
         assert torch.allclose(a + s, torch.ones_like(a))
