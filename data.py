@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import fail
-from lpl import SUPPORTED, decoder_taps
+from lpl import SUPPORTED, decoder_taps, encode_latents
 
 
 def looks_like_path(name):
@@ -60,32 +60,6 @@ def latent_geometry(vae):
     with torch.no_grad():
         size = decode(torch.zeros(1, channels, 2, 2, device=p.device, dtype=p.dtype)).shape[-1]
     return channels, size // 2
-
-
-def encode_latents(vae, x):
-    """Images (B, 3, H, W) in [-1, 1] -> the posterior mean in the diffusion model's scale: each
-    family's pipeline normalisation, the inverse of what lpl.decoder_taps' `decode` undoes."""
-    names, cfg = {c.__name__ for c in type(vae).__mro__}, vae.config
-    if "AutoencoderKLFlux2" in names:  # standardised by the BatchNorm statistics of each 2x2 patch position
-        z = vae.encode(x).latent_dist.mean  # (B, C, h, w)
-        p, q = cfg.patch_size
-        reps = (1, z.shape[-2] // p, z.shape[-1] // q)
-        mean = vae.bn.running_mean.view(-1, p, q).repeat(reps).to(z)  # (C, h, w)
-        std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt().repeat(reps).to(z)  # (C, h, w)
-        return (z - mean) / std
-    if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:  # an image is one frame; per-channel statistics
-        z = vae.encode(x.unsqueeze(2)).latent_dist.mean[:, :, 0]  # (B, C, h, w)
-        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        return (z - mean) / std
-    if "AutoencoderDC" in names:
-        return vae.encode(x).latent * cfg.scaling_factor
-    if "AutoencoderTiny" in names:
-        return (vae.encode(x).latents - (getattr(cfg, "shift_factor", 0.0) or 0.0)) * cfg.scaling_factor
-    if "VQModel" in names:  # the continuous latent, before the codebook (as lpl.py decodes it)
-        return vae.encode(x).latents * cfg.scaling_factor
-    shift = getattr(cfg, "shift_factor", None) or 0.0
-    return (vae.encode(x).latent_dist.mean - shift) * cfg.scaling_factor  # SD, SD3, FLUX.1, asymmetric SD
 
 
 def load_rgb(path):

@@ -12,6 +12,7 @@ Read this file beside Section 3 of the paper; it follows the section top to bott
     L_tot = L_Diff + w_LPL · L_LPL                     Section 3.2            (the trainer)
     E_batch[δ · L_LPL] from a host's diffusion step    Eq. 3                  LatentPerceptualLoss.batch_loss
     α_t, σ_t from a host's schedule                    (after the paper)      alpha_sigma_from_*
+    latents to and from the diffusion model's scale    (each pipeline's)      latent_scale, encode_latents
 
 It imports only torch and can be copied alone: the autoencoder is passed in, a diffusers one
 (AutoencoderKL of any SD/SDXL/SD3/FLUX.1 config, AsymmetricAutoencoderKL, FLUX.2, Qwen-Image, Wan,
@@ -31,12 +32,19 @@ batch_loss is these steps, each public for readers and for trainers that want th
 """
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 PARAMETERIZATIONS = ("eps", "v", "flow")
+PATHS = ("vp", "linear", "any")  # the schedule identity batch_loss checks: α² + σ² = 1, α + σ = 1, none
+
+
+class LPLInputWarning(UserWarning):
+    """An input batch_loss can use but that is almost surely wrong (given once per loss)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,13 +261,94 @@ def depth_weights(widths, scheme="pow2"):
 
 # ----------------------------------------------------------------------------------------------
 # Eq. 2 needs F^{d,l}: the decoder up to block l, fed the latent exactly as the autoencoder's own
-# decode path is fed. Each family keeps its latents in a different scale for the diffusion model, so
-# each gets (1) the blocks to tap, in decoding order, and (2) `decode`, which maps a latent in the
-# diffusion model's scale back to the autoencoder's and runs its own decode. Features are grabbed by
+# decode path is fed. The diffusion model works on latents each family's pipeline normalises in its
+# own way, so each family gets (1) the normalisation, both ways (latent_scale: `to_vae` undoes it
+# before decoding, `to_diffusion` applies it to a host's freshly encoded latents, see encode_latents),
+# (2) the blocks to tap, in decoding order, and (3) its raw decode call. Features are grabbed by
 # hooks on the tapped blocks; decoding stops right after the last one (nothing later is used).
 # ----------------------------------------------------------------------------------------------
-SUPPORTED = ("AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1, ...), AsymmetricAutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, "
-             "AutoencoderKLWan (single frames), AutoencoderDC, AutoencoderTiny, VQModel")
+SUPPORTED = ("AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1, Playground v2.5, ...), AsymmetricAutoencoderKL, AutoencoderKLFlux2, "
+             "AutoencoderKLQwenImage, AutoencoderKLWan (single frames), AutoencoderDC, AutoencoderTiny, VQModel")
+_VIDEO = {"AutoencoderKLQwenImage", "AutoencoderKLWan"}  # causal 3-D autoencoders: an image is one frame
+
+
+def _family(vae):
+    names = {c.__name__ for c in type(vae).__mro__}
+    for name in ("AutoencoderKLFlux2", *sorted(_VIDEO), "AutoencoderDC", "AutoencoderTiny", "VQModel"):
+        if name in names:
+            return name
+    if names & {"AutoencoderKL", "AsymmetricAutoencoderKL"}:
+        return "AutoencoderKL"
+    return None
+
+
+def latent_scale(vae):
+    """(to_diffusion, to_vae): the family's pipeline normalisation between the autoencoder's latents
+    and the diffusion model's scale, as two maps of (B, C, h, w) tensors, exact inverses of each other.
+
+    (z − m) · k per channel, with m, k from the config, as each family's pipeline applies them:
+      latents_mean/latents_std (Qwen-Image, Wan; AutoencoderKL configs that set them, Playground v2.5):
+          m = latents_mean, k = scaling_factor / latents_std (scaling_factor 1 where the config has none)
+      otherwise (SD 1/2: shift 0; SD3, FLUX.1, TAESD: shift and scale; DC-AE, VQ-GAN: scale only):
+          m = shift_factor, k = scaling_factor
+    FLUX.2 standardises with the running statistics of a BatchNorm over the 2x2-patchified latent;
+    latents here keep the unpatchified shape encode returns, so channel c at (y, x) uses the
+    statistics of patch channel (c, y mod p, x mod q).
+    """
+    family, cfg = _family(vae), getattr(vae, "config", None)
+    if family is None:
+        raise ValueError(f"no latent scale known for a {type(vae).__name__}: built in are {SUPPORTED}")
+    if family == "AutoencoderKLFlux2":
+        p, q = cfg.patch_size
+
+        def stats(z):  # (C, h, w) mean and std, tiled over the patch grid
+            if z.shape[-2] % p or z.shape[-1] % q:
+                raise ValueError(f"FLUX.2 latents must have a height and width divisible by the patch "
+                                 f"size {p}x{q}, got {tuple(z.shape)}")
+            reps = (1, z.shape[-2] // p, z.shape[-1] // q)
+            mean = vae.bn.running_mean.view(-1, p, q).repeat(reps).to(z)
+            std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt().repeat(reps).to(z)
+            return mean, std
+        def to_diffusion(z):
+            mean, std = stats(z)
+            return (z - mean) / std
+
+        def to_vae(z):
+            mean, std = stats(z)
+            return z * std + mean
+        return to_diffusion, to_vae
+    scale = getattr(cfg, "scaling_factor", None) or 1.0
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if (mean is None) != (std is None):
+        raise ValueError(f"the {type(vae).__name__} config sets only one of latents_mean and latents_std")
+    if mean is not None and shift:
+        raise ValueError(f"the {type(vae).__name__} config sets both shift_factor and latents_mean: no pipeline "
+                         f"uses both; remove the one its pipeline ignores")
+    if mean is not None:
+        p = next(vae.parameters())
+        m = torch.tensor(mean, device=p.device, dtype=torch.float64).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        k = scale / torch.tensor(std, device=p.device, dtype=torch.float64).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        return (lambda z: (z - m.to(z)) * k.to(z)), (lambda z: z / k.to(z) + m.to(z))
+    return (lambda z: (z - shift) * scale), (lambda z: z / scale + shift)
+
+
+def encode_latents(vae, x, sample=False, generator=None):
+    """Images x (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w) in the diffusion model's scale, as the
+    family's pipeline makes them: the inverse of what the loss decodes through. The posterior mean
+    (sample=False) or, for a KL autoencoder, a draw from the posterior (sample=True, as DiT's and
+    diffusers' training scripts encode)."""
+    family = _family(vae)
+    to_diffusion, _ = latent_scale(vae)
+    if family in ("AutoencoderDC", "AutoencoderTiny", "VQModel"):  # deterministic encoders
+        out = vae.encode(x)
+        z = out.latent if family == "AutoencoderDC" else out.latents  # VQ: before the codebook, as decoded
+    else:
+        frames = family in _VIDEO
+        dist = vae.encode(x.unsqueeze(2) if frames else x).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        z = z[:, :, 0] if frames else z  # (B, C, h, w)
+    return to_diffusion(z)
 
 
 def decoder_taps(vae):
@@ -269,58 +358,29 @@ def decoder_taps(vae):
     decode: z (B, C, h, w) in the diffusion model's scale -> runs the autoencoder's own decode
             path on it (the hooks stop it early).
     """
-    names = {c.__name__ for c in type(vae).__mro__}
-    cfg, dec = getattr(vae, "config", None), getattr(vae, "decoder", None)
-    if names & {"AutoencoderKL", "AsymmetricAutoencoderKL"} and hasattr(dec, "mid_block") and hasattr(dec, "up_blocks"):
-        # the paper's: SD, SDXL, SD3, FLUX.1, and the asymmetric SD decoder of its main runs (its decode
-        # runs the same mid block and up blocks when no inpainting image and mask are given).
-        # SD's scale (and SD3/FLUX.1's shift): z_diffusion = (z − shift) · scaling_factor
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        decode = lambda z: vae.decode(z / cfg.scaling_factor + shift).sample  # noqa: E731
-        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
-    if "AutoencoderKLFlux2" in names:
-        # Latents are standardised with the running statistics of a BatchNorm over the 2x2-patchified
-        # latent (FLUX.2's pipeline); here they keep the unpatchified shape encode returns, so
-        # channel c at position (y, x) uses the statistics of patch channel (c, y mod p, x mod q).
-        p, q = cfg.patch_size
-
-        def decode(z):  # (B, C, h, w)
-            if z.shape[-2] % p or z.shape[-1] % q:
-                raise ValueError(f"FLUX.2 latents must have a height and width divisible by the patch "
-                                 f"size {p}x{q}, got {tuple(z.shape)}")
-            mean = vae.bn.running_mean.view(-1, p, q)  # (C, p, q)
-            std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt()  # (C, p, q)
-            reps = (1, z.shape[-2] // p, z.shape[-1] // q)
-            return vae.decode(z * std.repeat(reps).to(z) + mean.repeat(reps).to(z)).sample
-        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
-    if names & {"AutoencoderKLQwenImage", "AutoencoderKLWan"}:
-        # A causal 3-D VAE; an image is one frame. Latents are standardised per channel with the
-        # config's latents_mean / latents_std (as in the Qwen-Image and Wan pipelines).
-        mean = torch.tensor(cfg.latents_mean, device=vae.device).view(1, -1, 1, 1, 1)  # on the VAE's device:
-        std = torch.tensor(cfg.latents_std, device=vae.device).view(1, -1, 1, 1, 1)  # no copy per call
-
-        def decode(z):  # (B, C, h, w)
-            return vae.decode(z.unsqueeze(2) * std.to(z) + mean.to(z)).sample[:, :, 0]  # one frame in and out
-        return [dec.mid_block, *dec.up_blocks], decode, cfg.z_dim
-    if "AutoencoderDC" in names:
-        # DC-AE runs its up blocks from the last to the first; a stage with no layers is empty.
-        taps = [b for b in reversed(dec.up_blocks) if len(b) > 0]
-        return taps, (lambda z: vae.decode(z / cfg.scaling_factor).sample), cfg.latent_channels
-    if "AutoencoderTiny" in names:
-        # TAESD's decoder is one Sequential; a "block" is each resolution's last residual block.
+    family, cfg, dec = _family(vae), getattr(vae, "config", None), getattr(vae, "decoder", None)
+    if family is None or (family != "AutoencoderTiny" and not hasattr(dec, "up_blocks")):
+        raise ValueError(f"LatentPerceptualLoss cannot read a {type(vae).__name__}: built in are {SUPPORTED}. "
+                         f"For any other decoder pass taps=[its blocks, in decoding order], "
+                         f"decode=fn(latent) -> image and latent_channels=C (see the README, 'Your own decoder')")
+    _, to_vae = latent_scale(vae)
+    if family in _VIDEO:  # one frame in and out
+        return ([dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z).unsqueeze(2)).sample[:, :, 0],
+                cfg.z_dim)
+    if family == "AutoencoderDC":  # DC-AE runs its up blocks from the last to the first; a stage may be empty
+        return [b for b in reversed(dec.up_blocks) if len(b) > 0], lambda z: vae.decode(to_vae(z)).sample, cfg.latent_channels
+    if family == "AutoencoderTiny":  # TAESD's decoder is one Sequential: tap each resolution's last residual block
         layers = list(dec.layers)
         taps = [m for i, m in enumerate(layers) if type(m).__name__ == "AutoencoderTinyBlock"
                 and (i + 1 == len(layers) or type(layers[i + 1]).__name__ != "AutoencoderTinyBlock")]
-        decode = lambda z: vae.decode(z / cfg.scaling_factor + (getattr(cfg, "shift_factor", 0.0) or 0.0)).sample  # noqa: E731
-        return taps, decode, cfg.latent_channels
-    if "VQModel" in names:
-        # The decoder is run on the continuous latent, without the codebook lookup (as Kandinsky's
-        # pipelines decode): quantizing ẑ0 and z0 would make the loss piecewise constant.
-        decode = lambda z: vae.decode(z / cfg.scaling_factor, force_not_quantize=True).sample  # noqa: E731
-        return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
-    raise ValueError(f"LatentPerceptualLoss cannot read a {type(vae).__name__}: built in are {SUPPORTED}. "
-                     f"For any other decoder pass taps=[its blocks, in decoding order], "
-                     f"decode=fn(latent) -> image and latent_channels=C (see the README, 'Your own decoder')")
+        return taps, lambda z: vae.decode(to_vae(z)).sample, cfg.latent_channels
+    if family == "VQModel":  # decoded without the codebook lookup (as Kandinsky's pipelines decode):
+        # quantizing ẑ0 and z0 would make the loss piecewise constant
+        return ([dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z), force_not_quantize=True).sample,
+                cfg.latent_channels)
+    # SD, SDXL, SD3, FLUX.1, FLUX.2 and the asymmetric SD decoder of the paper's main runs (its decode
+    # runs the same mid block and up blocks when no inpainting image and mask are given)
+    return [dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z)).sample, cfg.latent_channels
 
 
 class _StopDecoding(Exception):
@@ -372,11 +432,15 @@ class LatentPerceptualLoss(nn.Module):
         if normalization not in ("shared", "separate"):
             raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
         if grad_checkpointing:
-            if not (getattr(vae, "_supports_gradient_checkpointing", False)
-                    and "Decoder" in {c.__name__ for c in type(getattr(vae, "decoder", None)).__mro__}):
-                raise ValueError(f"grad_checkpointing needs a decoder that checkpoints each block "
-                                 f"(AutoencoderKL, AutoencoderKLFlux2); {type(vae).__name__} does not")
-            vae.enable_gradient_checkpointing()  # diffusers checkpoints each decoder block
+            dec = getattr(vae, "decoder", None)
+            if type(dec).__name__ not in ("Decoder", "MaskConditionDecoder"):
+                raise ValueError(f"grad_checkpointing needs a decoder that checkpoints each block (AutoencoderKL, "
+                                 f"AsymmetricAutoencoderKL, AutoencoderKLFlux2); {type(vae).__name__} has none")
+            # diffusers' two block-wise decoders read these two attributes (>= 0.32, in eval mode too).
+            # Set on the decoder alone: AsymmetricAutoencoderKL refuses enable_gradient_checkpointing
+            # though its decoder checkpoints the same way; the encoder is never run by the loss.
+            dec.gradient_checkpointing = True
+            dec._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         # plain attributes, not submodules (see above); frozen: gradients reach ẑ0, never the VAE
         self.__dict__["vae"] = vae.eval().requires_grad_(False)
         self.__dict__["taps"] = list(taps)[:n]
@@ -445,7 +509,7 @@ class LatentPerceptualLoss(nn.Module):
         return loss  # (B,)
 
     def batch_loss(self, pred, z_t, z0, alpha_t, sigma_t, parameterization, tau=4.0, resolution_scale=None,
-                   return_selected=False, allow_linear=False):
+                   return_selected=False, path=None):
         """w_LPL's term in one call: Eq. 3 with δ, as the expectation over the batch, from the tensors
         of the host's diffusion step. The samples under the noise threshold are selected (lpl_mask),
         their ẑ0 computed (z0_from_prediction) and decoded; the others count as 0, so the result is
@@ -459,8 +523,13 @@ class LatentPerceptualLoss(nn.Module):
                  paper's 512 px at f8); resolution_scale defaults to latent width / 64.
         return_selected: also return δ, the (B,) bool of the samples that got LPL: at small latents
                  LPL fires rarely (8×8: σ/α ≤ 0.5), and a host can log m.float().mean() to see it ran.
-        allow_linear: an ε or v model trained on the linear path α_t + σ_t = 1 (refused by default,
-                 since that is far more often ᾱ_t and 1 − ᾱ_t passed for α_t and σ_t).
+        path:    the schedule identity α_t, σ_t must satisfy, checked on every call: "vp" (α² + σ² = 1,
+                 DDPM; the default for eps and v), "linear" (α + σ = 1; the default and only one for
+                 flow, and an ε or v model trained on that path) or "any" (unchecked: EDM/VE schedules).
+
+        Inputs that are wrong in the ways host trainers get them wrong, yet give a finite loss, are
+        caught here (see check_inputs): an identity the schedule breaks is an error, a statistic
+        far from what it must be a one-time warning.
         """
         if parameterization not in PARAMETERIZATIONS:  # checked even when no sample is selected
             raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
@@ -469,17 +538,11 @@ class LatentPerceptualLoss(nn.Module):
         if len(a) != len(z_t) or len(s) != len(z_t):
             raise ValueError(f"alpha_t and sigma_t must hold one value per sample ({len(z_t)}) or one for all, "
                              f"got {alpha_t.numel()} and {sigma_t.numel()}")
-        if parameterization == "flow" and not torch.allclose(a + s, torch.ones_like(a), atol=1e-4):
-            raise ValueError("flow: α_t = 1 − σ_t (z_t = (1 − t) z0 + t ε, α_t = 1 − t, σ_t = t); for a codebase where "
-                             "t = 1 is the data use alpha_sigma_from_flow_time(t, data_at=1) and pass −u")
-        if (parameterization in ("eps", "v") and not allow_linear and ((a > 0) & (a < 1)).any()
-                and torch.allclose(a + s, torch.ones_like(a), atol=1e-6)):
-            raise ValueError("α_t + σ_t = 1 for every sample: that is ᾱ_t and 1 − ᾱ_t, not DDPM's α_t = √ᾱ_t, σ_t = "
-                             "√(1 − ᾱ_t) (alpha_sigma_from_alphas_cumprod gives them); for an ε/v model really trained "
-                             "on the linear path, pass allow_linear=True")
         if pred.shape != z_t.shape or z0.shape != z_t.shape:
             z0_from_prediction(pred, z_t, a, s, parameterization)  # raises the learned-sigma hint, if it is that
             raise ValueError(f"z0 {tuple(z0.shape)} and z_t {tuple(z_t.shape)} differ in shape")
+        _check_path(a, s, parameterization, path)
+        self.check_inputs(pred, z_t, z0, a, s, parameterization)
         if resolution_scale is None:
             resolution_scale = z_t.shape[-1] / 64
         m = lpl_mask(a, s, tau, resolution_scale)  # (B,) bool
@@ -489,6 +552,49 @@ class LatentPerceptualLoss(nn.Module):
             z0_hat = z0_from_prediction(pred[m], z_t[m], a[m], s[m], parameterization)  # (B_sel, C, h, w)
             loss = self(z0_hat, z0[m]).sum() / len(z_t)  # E_batch[δ · L_LPL]
         return (loss, m) if return_selected else loss
+
+    # ------------------------------------------------------------------------------------------
+    # Not in the paper: the cheap checks of batch_loss. Each statistic below is what a correct
+    # hook-up gives, whatever the model has learned, so a value far from it is a wrong input, not
+    # a bad model. Three statistics, one host sync; each warning is given once per loss.
+    # ------------------------------------------------------------------------------------------
+    def check_inputs(self, pred, z_t, z0, a, s, parameterization):
+        """One-time warnings for inputs that give a finite but wrong loss (README, "Traps")."""
+        if len(z0) == 0:
+            return
+        shape = (-1,) + (1,) * (z_t.dim() - 1)
+        a4, s4 = a.to(z_t).reshape(shape).float(), s.to(z_t).reshape(shape).float()
+        z0f, z_tf, pf = z0.detach().float(), z_t.detach().float(), pred.detach().float()
+        noisy = (s >= 0.1).reshape(shape).float()  # where ε = (z_t − α z0)/σ is well defined
+        eps_hat = (z_tf - a4 * z0f) / s4.clamp_min(0.1)  # (B, C, h, w): the noise z_t implies
+        # (1) the latents' scale: ~1 in the diffusion model's scale (that is what the factor is for)
+        z0_std = z0f.std() if z0f.numel() > 1 else z0f.new_ones(())
+        # (2) the noise the inputs imply, per sample: unit variance iff α_t, σ_t belong to this z_t
+        var = eps_hat.square().flatten(1).mean(1)  # (B,)
+        worst = torch.where(s >= 0.1, (var.log()).abs(), torch.zeros_like(var)).max()
+        # (3) the prediction against its own target, from that noise: a sign or a quantity mixed up
+        target = {"eps": eps_hat, "v": a4 * eps_hat - s4 * z0f, "flow": eps_hat - z0f}[parameterization]
+        cos = (noisy * pf * target).sum() / ((noisy * pf).norm() * (noisy * target).norm()).clamp_min(1e-12)
+        z0_std, worst, cos = torch.stack([z0_std, worst, cos]).tolist()
+        if not 0.25 <= z0_std <= 4:
+            self._warn_once("scale", f"z0 has a standard deviation of {z0_std:.3g}: latents in the diffusion model's "
+                            f"scale have one near 1. Are they in the autoencoder's raw scale (SD: times "
+                            f"scaling_factor 0.18215 missing)? encode_latents(vae, x) gives the right scale")
+        if worst > math.log(3):
+            self._warn_once("noise", "z_t − α_t z0 is not σ_t times a unit-variance noise for some samples: "
+                            "α_t, σ_t do not belong to this z_t. Flow code with t = 1 at the data (SiT, torchcfm) "
+                            "needs alpha_sigma_from_flow_time(t, data_at=1) and pred = −u; a scaled model input "
+                            "(EDM's c_in z_t) must be passed unscaled")
+        if cos < -0.5:
+            self._warn_once("sign", f"the prediction points away from the {parameterization} target (cosine {cos:.2f}): "
+                            f"a velocity u = z0 − ε (t = 1 at the data) must be passed as −u; a preconditioned "
+                            f"output (SD3's x0 estimate) must be passed as the raw model output")
+
+    def _warn_once(self, kind, message):
+        warned = self.__dict__.setdefault("_warned", set())
+        if kind not in warned:
+            warned.add(kind)
+            warnings.warn(message, LPLInputWarning, stacklevel=4)
 
     def outlier_mask(self, f):
         """ρ_l from the target's features ϕ, as in the authors' code (Eq. 3 writes ρ(ϕ̂)): a mask
@@ -521,6 +627,33 @@ def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
     return abar.sqrt().float(), (1 - abar).sqrt().float()
 
 
+def _check_path(a, s, parameterization, path):
+    """The schedule identity of the path (α² + σ² = 1 or α + σ = 1), with the mistake that breaks it
+    named: each of these gives a finite, wrong loss when let through."""
+    path = path or ("linear" if parameterization == "flow" else "vp")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} (or None: the parameterization's own), got {path!r}")
+    if parameterization == "flow" and path != "linear":
+        raise ValueError("flow's ẑ0 = z_t − σ_t D holds on the linear path α_t + σ_t = 1 only; leave path unset")
+    a, s = a.double(), s.double()
+    one = torch.ones_like(a)
+    if path == "linear" and not torch.allclose(a + s, one, atol=1e-3):
+        raise ValueError("α_t + σ_t must be 1 on the linear path (flow: z_t = (1 − t) z0 + t ε, α_t = 1 − t, σ_t = t); "
+                         "for a codebase where t = 1 is the data use alpha_sigma_from_flow_time(t, data_at=1) and "
+                         "pass −u")
+    if path == "vp" and not torch.allclose(a * a + s * s, one, atol=1e-2):
+        if torch.allclose(a + s, one, atol=1e-6):
+            raise ValueError("α_t + σ_t = 1 for every sample: that is ᾱ_t and 1 − ᾱ_t, not DDPM's α_t = √ᾱ_t, σ_t = "
+                             "√(1 − ᾱ_t) (alpha_sigma_from_alphas_cumprod gives them); for an ε/v model really "
+                             "trained on the linear path, pass path='linear'")
+        if torch.allclose(a + s * s, one, atol=1e-6):
+            raise ValueError("α_t + σ_t² = 1 for every sample: α_t is ᾱ_t, not its root √ᾱ_t "
+                             "(alpha_sigma_from_alphas_cumprod gives both)")
+        raise ValueError(f"α_t² + σ_t² must be 1 for a DDPM {parameterization} model (the variance-preserving path), "
+                         f"got up to {(a * a + s * s - 1).abs().max().item():.3g} off; for another schedule (EDM, VE) "
+                         f"pass path='any'")
+
+
 def alpha_sigma_from_flow_time(t, data_at=0):
     """(α_t, σ_t) for a flow time t (B,) in [0, 1]; data_at: 0 if t = 0 is data (then D = ε − z0),
     1 if t = 1 is data (SiT, torchcfm: pass D = −u, the negated velocity)."""
@@ -528,5 +661,7 @@ def alpha_sigma_from_flow_time(t, data_at=0):
         raise ValueError(f"data_at must be 0 or 1 (the flow time at which z_t is the data), got {data_at}")
     t = _schedule_value(t)
     if (t > 1).any():
-        raise ValueError(f"a flow time t must be in [0, 1], got {t.max().item():g}")
+        hint = (": those are timesteps (1000 σ, diffusers' FlowMatchEulerDiscreteScheduler.timesteps); pass the "
+                "scheduler's sigmas at them, or timesteps / 1000" if t.max() > 1.5 else "")
+        raise ValueError(f"a flow time t must be in [0, 1], got {t.max().item():g}{hint}")
     return (1 - t, t) if data_at == 0 else (t, 1 - t)

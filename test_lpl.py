@@ -259,6 +259,14 @@ def tiny_family(name):
                                                 layers_per_up_block=1, norm_num_groups=4, latent_channels=4,
                                                 scaling_factor=0.5)
         return vae.eval(), (lambda z: z / 0.5), [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    if name == "sd3":  # SD3 / FLUX.1: (z − shift)·scale
+        vae = tiny_vae(blocks=2, shift_factor=0.1159, scaling_factor=0.3611)
+        return vae, (lambda z: z / 0.3611 + 0.1159), [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    if name == "playground":  # an AutoencoderKL config with latents_mean / latents_std (Playground v2.5)
+        vae = tiny_vae(blocks=2, scaling_factor=0.5, latents_mean=mean, latents_std=std)
+        m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+        # diffusers' SDXL pipelines: latents * latents_std / scaling_factor + latents_mean
+        return vae, (lambda z: z * s / 0.5 + m), [vae.decoder.mid_block, *vae.decoder.up_blocks]
     if name == "vq":
         vae = diffusers.VQModel(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
@@ -267,7 +275,7 @@ def tiny_family(name):
     raise KeyError(name)
 
 
-FAMILIES = ["flux2", "qwen", "wan", "dc", "tiny", "vq", "asym"]
+FAMILIES = ["flux2", "qwen", "wan", "dc", "tiny", "vq", "asym", "sd3", "playground"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -324,6 +332,74 @@ def test_family_latents_keep_the_shape_encode_returns():
     assert LatentPerceptualLoss(vae)(z0 + 0.1, z0).shape == (2,)
     with pytest.raises(ValueError, match="divisible by the patch size"):
         LatentPerceptualLoss(vae)(torch.randn(1, 4, 5, 4), torch.randn(1, 4, 5, 4))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_encode_side_is_the_exact_inverse_of_the_loss_decode(name):
+    """lpl.latent_scale's two maps invert each other, to_vae is the pipeline's de-normalisation
+    (written independently in tiny_family), and decoding encode_latents(x) through the loss's decode
+    gives the autoencoder's own reconstruction of x, for every family."""
+    from lpl import decoder_taps, encode_latents, latent_scale
+    vae, to_vae, _ = tiny_family(name)
+    to_diffusion, lpl_to_vae = latent_scale(vae)
+    z = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(lpl_to_vae(to_diffusion(z)), z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(to_diffusion(lpl_to_vae(z)), z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lpl_to_vae(z.float()), to_vae(z.float()).reshape(z.shape))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    video = name in ("qwen", "wan")
+    with torch.no_grad():
+        own = vae.decode(vae.encode(x[:, :, None] if video else x).latent_dist.mean).sample if name not in (
+            "dc", "tiny", "vq") else None
+        if name == "dc":
+            own = vae.decode(vae.encode(x).latent).sample
+        elif name in ("tiny", "vq"):
+            kw = dict(force_not_quantize=True) if name == "vq" else {}
+            own = vae.decode(vae.encode(x).latents, **kw).sample
+        via_lpl = decoder_taps(vae)[1](encode_latents(vae, x))
+    torch.testing.assert_close(via_lpl, own[:, :, 0] if video else own, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_latents_draws_from_the_posterior_when_asked():
+    from lpl import encode_latents
+    vae = tiny_vae(blocks=2)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        mean = encode_latents(vae, x)
+        d1 = encode_latents(vae, x, sample=True, generator=torch.Generator().manual_seed(0))
+        d2 = encode_latents(vae, x, sample=True, generator=torch.Generator().manual_seed(0))
+        post = vae.encode(x).latent_dist
+    assert torch.equal(d1, d2) and not torch.allclose(d1, mean)
+    torch.testing.assert_close(mean, post.mean * vae.config.scaling_factor)
+    z = (d1 / vae.config.scaling_factor - post.mean) / post.std  # the draw's standard normal
+    assert abs(z.std().item() - 1) < 0.2
+
+
+def test_a_config_with_both_a_shift_and_latents_mean_is_refused():
+    from lpl import latent_scale
+    with pytest.raises(ValueError, match="both shift_factor and latents_mean"):
+        latent_scale(tiny_vae(blocks=2, shift_factor=0.1, latents_mean=[0.0] * 4, latents_std=[1.0] * 4))
+    with pytest.raises(ValueError, match="only one of latents_mean and latents_std"):
+        latent_scale(tiny_vae(blocks=2, latents_mean=[0.0] * 4))
+
+
+def test_gradient_checkpointing_of_the_asymmetric_decoder_stores_less_same_gradient():
+    """AsymmetricAutoencoderKL (the paper's main decoder) refuses diffusers' enable_gradient_checkpointing,
+    though its decoder checkpoints each block: the loss sets the decoder's own flag."""
+    z0 = torch.randn(2, 4, 8, 8)
+    sizes, grads = [], []
+    for ckpt in (False, True):
+        vae, _, _ = tiny_family("asym")
+        lpl = LatentPerceptualLoss(vae, grad_checkpointing=ckpt)
+        z0_hat = (z0 + 0.3).requires_grad_()
+        n, loss = saved_bytes(lambda: lpl(z0_hat, z0))
+        loss.sum().backward()
+        sizes.append(n)
+        grads.append(z0_hat.grad)
+    assert sizes[1] < 0.6 * sizes[0], sizes
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ValueError, match="grad_checkpointing needs a decoder"):
+        LatentPerceptualLoss(tiny_family("tiny")[0], grad_checkpointing=True)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -743,10 +819,22 @@ def test_host_trainer_traps_are_clear_errors():
     abar = torch.tensor([0.9, 0.6])
     with pytest.raises(ValueError, match="that is ᾱ_t and 1 − ᾱ_t"):
         lpl.batch_loss(z0, z_t, z0, abar, 1 - abar, "eps")
-    with pytest.raises(ValueError, match="flow: α_t = 1 − σ_t"):
+    with pytest.raises(ValueError, match=r"α_t \+ σ_t must be 1 on the linear path"):
         lpl.batch_loss(z0, z_t, z0, alpha, alpha, "flow")
     with pytest.raises(ValueError, match=">= 0"):
         lpl_mask(torch.tensor([-0.5]), torch.tensor([0.5]), 4.0, 1.0)
+    # ᾱ as α with √(1 − ᾱ) as σ: α² + σ² = ᾱ² + 1 − ᾱ, off by up to 1/4
+    with pytest.raises(ValueError, match="α_t is ᾱ_t, not its root"):
+        lpl.batch_loss(z0, z_t, z0, abar, (1 - abar).sqrt(), "v")
+    with pytest.raises(ValueError, match="path='any'"):  # any other break of α² + σ² = 1 under eps/v
+        lpl.batch_loss(z0, z_t, z0, torch.tensor([1.0, 1.0]), torch.tensor([0.5, 2.0]), "eps")
+    with pytest.raises(ValueError, match="holds on the linear path"):
+        lpl.batch_loss(z0, z_t, z0, alpha, 1 - alpha, "flow", path="vp")
+    with pytest.raises(ValueError, match="path must be one of"):
+        lpl.batch_loss(z0, z_t, z0, alpha, (1 - alpha ** 2).sqrt(), "eps", path="VP")
+    # SD3-style loops keep timesteps = 1000 σ beside the sigmas; the timesteps are named as the cause
+    with pytest.raises(ValueError, match="those are timesteps .* timesteps / 1000"):
+        alpha_sigma_from_flow_time(torch.tensor([999.0, 250.0]))
 
 
 def readme_recipes():
@@ -781,7 +869,7 @@ def test_readme_recipes_run_and_equal_the_host_s_own_x0():
     to t = 0) and the selection σ/α ≤ τ·(latent width / 64) written out."""
     from diffusers import DDPMScheduler
     recipes = readme_recipes()
-    assert len(recipes) == 3 and all(len(code.strip().splitlines()) <= 10 for code in recipes.values())
+    assert len(recipes) == 4 and all(len(code.strip().splitlines()) <= 10 for code in recipes.values())
     vae = tiny_vae(blocks=2)
     lpl = LatentPerceptualLoss(vae)
     B, w_lpl, tau = 16, 0.5, 4.0
@@ -832,6 +920,26 @@ def test_readme_recipes_run_and_equal_the_host_s_own_x0():
     torch.testing.assert_close(ns["loss"] - F.mse_loss(ns["pred"], noise - z0), expected(x0, 1 - tt, tt), rtol=1e-4, atol=1e-5)
     ns["loss"].backward()  # and the gradient reaches the host's model
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow_model.parameters())
+
+    # diffusers' SD3 loop (train_dreambooth_sd3.py): timesteps from the shifted scheduler's table, the
+    # sigmas looked up as its get_sigmas does, outputs preconditioned to x0 after the recipe's call
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    indices = torch.linspace(0, 999, B).long()
+    timesteps = sched.timesteps[indices]
+    step_indices = [(sched.timesteps == ts).nonzero().item() for ts in timesteps]
+    sigmas = sched.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
+    transformer = dit(4)
+    ns = dict(torch=torch, lpl=lpl, w_lpl=w_lpl, model_input=z0, noise=noise, sigmas=sigmas, timesteps=timesteps,
+              noisy_model_input=(1 - sigmas) * z0 + sigmas * noise, cond=dict(class_labels=y),
+              args=type("Args", (), dict(precondition_outputs=1)), alpha_sigma_from_flow_time=alpha_sigma_from_flow_time,
+              transformer=lambda hidden_states, timestep, class_labels: (
+                  transformer(hidden_states, timestep=timestep, class_labels=class_labels).sample,))
+    exec(recipes["diffusers SD3 training loop (FlowMatchEulerDiscreteScheduler)"], ns)
+    x0 = ns["model_pred"].detach()  # the script's own x0 estimate
+    host = (ns["model_pred"].float() - z0).square().mean()
+    sg = sigmas.flatten()
+    torch.testing.assert_close(ns["loss"] - host, expected(x0, 1 - sg, sg), rtol=1e-4, atol=1e-5)
 
 
 def test_readme_paper_to_code_map_points_at_the_code():
@@ -2069,21 +2177,90 @@ def test_detach_sigma_concerns_the_shared_sigma_only():
     torch.testing.assert_close(grads["separate", False], grads["separate", True], rtol=0, atol=0)
 
 
-def test_an_eps_model_on_the_linear_path_is_expressible():
+def test_an_eps_model_on_the_linear_path_or_an_edm_schedule_is_expressible():
     """α_t + σ_t = 1 under eps is refused by default (it is nearly always ᾱ_t passed as α_t), and
-    allow_linear=True lets a model really trained that way through, equal to the building blocks."""
+    path='linear' lets a model really trained that way through, equal to the building blocks; an EDM
+    (VE) schedule, α = 1 and σ free, goes through with path='any'."""
     lpl = LatentPerceptualLoss(tiny_vae(blocks=3))
     z0, eps = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
     t = torch.tensor([0.02, 0.05, 0.3, 0.9])
     alpha, sigma = 1 - t, t
     z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
     pred = eps + 0.1 * torch.randn_like(eps)
-    with pytest.raises(ValueError, match="allow_linear=True"):
+    with pytest.raises(ValueError, match="path='linear'"):
         lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps")
-    got = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0, allow_linear=True)
+    got = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0, path="linear")
     m = lpl_mask(alpha, sigma, 16.0, 4 / 64)
     expected = lpl(z0_from_prediction(pred[m], z_t[m], alpha[m], sigma[m], "eps"), z0[m]).sum() / 4
     assert m.any() and torch.allclose(got, expected)
+    alpha, sigma = torch.ones(4), torch.tensor([0.002, 0.1, 0.5, 8.0])  # EDM's σ range
+    z_t = z0 + sigma.view(-1, 1, 1, 1) * eps
+    with pytest.raises(ValueError, match="path='any'"):
+        lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps")
+    got = lpl.batch_loss(pred, z_t, z0, alpha, sigma, "eps", tau=16.0, path="any")
+    m = lpl_mask(alpha, sigma, 16.0, 4 / 64)
+    expected = lpl(z0_from_prediction(pred[m], z_t[m], alpha[m], sigma[m], "eps"), z0[m]).sum() / 4
+    assert 0 < m.sum() < 4 and torch.allclose(got, expected)
+
+
+def _trap_batch(B=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 4, 8, 8, generator=g), torch.rand(B, generator=g)
+
+
+def _lpl_warnings(fn):
+    import warnings
+    from lpl import LPLInputWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if issubclass(w.category, LPLInputWarning)]
+
+
+def test_correct_hookups_give_no_warning_trained_or_not():
+    """The checks of batch_loss measure what a correct hook-up gives whatever the model has learned:
+    a perfect prediction, a noisy one and an untrained one (random) are all silent, for each path."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    z0, eps, t = _trap_batch()
+    t = t.clamp(0.02, 0.98)
+    for param in ("eps", "v", "flow"):
+        a, s = (1 - t, t) if param == "flow" else ((1 - t * t).sqrt(), t)
+        a4, s4 = a.view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)
+        z_t = a4 * z0 + s4 * eps
+        target = {"eps": eps, "v": a4 * eps - s4 * z0, "flow": eps - z0}[param]
+        for pred in (target, target + 0.5 * torch.randn_like(target), torch.randn_like(target)):
+            assert _lpl_warnings(lambda: lpl.batch_loss(pred, z_t, z0, a, s, param, tau=16.0)) == [], param
+
+
+def test_silently_wrong_hookups_are_warned_once():
+    """Issue 28's traps that pass every identity yet give a finite, wrong loss, each as a host makes it,
+    with a model that has learned its own target (post-training, the paper's case)."""
+    z0, eps, t = _trap_batch()
+    t = t.clamp(0.02, 0.98)
+    fresh = lambda: LatentPerceptualLoss(tiny_vae(blocks=2))  # noqa: E731  (warnings are once per loss)
+    v4 = lambda x: x.view(-1, 1, 1, 1)  # noqa: E731
+    # SD's latents in the autoencoder's raw scale (× 0.18215 forgotten): the decoder would see × 5.5
+    raw, (a, s) = z0 / 0.18215, alpha_sigma_from_flow_time(t)
+    got = _lpl_warnings(lambda: fresh().batch_loss(eps - raw, v4(a) * raw + v4(s) * eps, raw, a, s, "flow"))
+    assert len(got) == 1 and "raw scale" in got[0]
+    # SiT (t = 1 at the data) passed as minRF: x_t = t x1 + (1 − t) x0, with data_at=0 α, σ and u negated
+    x_t = v4(t) * z0 + v4(1 - t) * eps
+    a, s = alpha_sigma_from_flow_time(t)
+    got = _lpl_warnings(lambda: fresh().batch_loss(-(z0 - eps), x_t, z0, a, s, "flow"))
+    assert len(got) >= 1 and "data_at=1" in got[0]
+    # data_at=1 right, but the velocity u = x1 − x0 passed as it is (ẑ0 error 1.34 in the issue)
+    a, s = alpha_sigma_from_flow_time(t, data_at=1)
+    got = _lpl_warnings(lambda: fresh().batch_loss(z0 - eps, x_t, z0, a, s, "flow"))
+    assert len(got) == 1 and "−u" in got[0]
+    # SD3's preconditioned output (its x0 estimate, model_pred · (−σ) + z_t) passed as "flow"
+    a, s = alpha_sigma_from_flow_time(t)
+    z_t = v4(a) * z0 + v4(s) * eps
+    got = _lpl_warnings(lambda: fresh().batch_loss(z0 + 0.1 * eps, z_t, z0, a, s, "flow"))
+    assert len(got) == 1 and "preconditioned" in got[0]
+    # once per loss: the same trap again on the same loss says nothing more
+    lpl = fresh()
+    assert len(_lpl_warnings(lambda: lpl.batch_loss(z0 + 0.1 * eps, z_t, z0, a, s, "flow"))) == 1
+    assert _lpl_warnings(lambda: lpl.batch_loss(z0 + 0.1 * eps, z_t, z0, a, s, "flow")) == []
 
 
 def test_post_training_at_a_higher_resolution_carries_every_weight_and_scales_tau(assets, tmp_path, monkeypatch):
