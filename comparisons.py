@@ -1,6 +1,8 @@
 """The paper's comparisons, as switches of train.py: min-SNR weighting (Table 6), Lin & Yang's
-Self-Perceptual objective (Table 5) and the RGB-space loss (Fig. 7)."""
+Self-Perceptual objective (Table 5), the RGB-space loss (Fig. 7) and An et al.'s Cas-DM (a second
+network that takes the metric, so that its gradient never reaches the denoiser)."""
 import copy
+import math
 
 import torch
 
@@ -85,3 +87,91 @@ def rgb_loss(vae, z0_hat, z0):
     with torch.no_grad():
         x = decode_raw(vae, z0)
     return (decode_raw(vae, z0_hat).float() - x.float()).square().flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------- Cas-DM
+# An et al., "Bring Metric Functions into Diffusion Models" (Section 4). θ, the DiT, predicts ε (or
+# v) and is trained by its diffusion loss alone (Eq. 14): no gradient of ϕ's losses reaches it. ϕ
+# takes x0* (Eq. 8, θ's own clean estimate, detached) and t and returns x'0 and a mixing weight r_t
+# per pixel; it is trained by λ^x0 L^x0 + λ^μ L^μ + λ^metric L^metric (Eq. 12, 15), the metric on
+# x'0 alone. Sampling mixes the DDIM steps of the two estimates by r_t (Eq. 11, 16, 17).
+# ---------------------------------------------------------------------------------------------
+class CasDM:
+    """ϕ, its EMA, its losses and its sampling step, beside a train.py DiT (θ).
+
+    ϕ is the paper's ϕ_UNet, here diffusers' UNet2DModel at the latent's size (two levels, `width`
+    and 2·`width` channels: the paper's ϕ is θ's own UNet; at CPU scale a small one). Its output
+    has the latent's C channels plus one; x'0 = x0* + out[:C] and r_t = sigmoid(out[C]), with the
+    output layer zero at the start, so a fresh ϕ is the identity on x0* and sampling starts as
+    plain DDIM on θ (this project's choices: the paper gives ϕ's output as x'0 itself and no range
+    for r_t)."""
+
+    def __init__(self, latent_shape, paradigm, scheduler, width=32, config=None):
+        from diffusers import DDIMScheduler, UNet2DModel
+        if paradigm not in ("eps", "v"):
+            raise ValueError(f"Cas-DM's L^μ is the DDPM posterior mean (Eq. 7, 12): it takes --paradigm eps or v, "
+                             f"got {paradigm}")
+        C, h, _ = latent_shape
+        self.config = config or dict(sample_size=h, in_channels=C, out_channels=C + 1, layers_per_block=1,
+                                     block_out_channels=(width, 2 * width), norm_num_groups=math.gcd(32, width),
+                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "UpBlock2D"))
+        self.phi = UNet2DModel(**self.config)
+        torch.nn.init.zeros_(self.phi.conv_out.weight), torch.nn.init.zeros_(self.phi.conv_out.bias)
+        self.ema = copy.deepcopy(self.phi).requires_grad_(False)
+        self.paradigm, self.scheduler = paradigm, scheduler
+        # Eq. 16 is a DDIM step from x'0: the same schedule, with the model output read as the clean sample
+        self.x0_scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="sample")
+
+    def to(self, device):
+        self.phi.to(device), self.ema.to(device)
+        return self
+
+    def refine(self, x0_star, t, ema=False):
+        """ϕ(x0*, t) -> x'0 (B, C, h, w), r_t (B, 1, h, w) in (0, 1)."""
+        out = (self.ema if ema else self.phi)(x0_star, t).sample.float()  # (B, C + 1, h, w)
+        return x0_star + out[:, :-1], torch.sigmoid(out[:, -1:])
+
+    def posterior(self, t, device):
+        """Eq. 7's coefficients of q(x_{t-1} | x_t, x0), μ̃ = c0·x0 + ct·x_t, for integer t (B,)."""
+        abar = self.scheduler.alphas_cumprod.to(device).double()
+        a_t = abar[t]
+        a_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(a_t))  # ᾱ_{-1} = 1
+        beta = 1 - a_t / a_prev
+        c0 = a_prev.sqrt() * beta / (1 - a_t)
+        ct = (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)
+        return c0.float().view(-1, 1, 1, 1), ct.float().view(-1, 1, 1, 1)
+
+    def losses(self, out, z_t, z0, alpha, sigma, t):
+        """L^x0, L^μ (Eq. 12) and x'0 for θ's output `out`; gradients reach ϕ only."""
+        x0_star = z0_from_prediction(out.detach(), z_t, alpha, sigma, self.paradigm)  # Eq. 8, θ detached
+        x0_prime, r = self.refine(x0_star, t)
+        c0, ct = self.posterior(t, z0.device)
+        mu_true = c0 * z0 + ct * z_t  # μ̃_t
+        mu_x0 = (c0 * x0_prime + ct * z_t).detach()  # Eq. 10 (with x'0: the paper's x0* there is a typo)
+        mu_eps = c0 * x0_star + ct * z_t  # Eq. 9: Eq. 7 with x0*, detached with θ
+        loss_x0 = (x0_prime - z0).square().mean()
+        loss_mu = (mu_true - (r * mu_x0 + (1 - r) * mu_eps)).square().mean()  # only r_t learns from it
+        return loss_x0, loss_mu, x0_prime, r
+
+    def update_ema(self, decay):
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.phi.parameters()):
+                pe.lerp_(pm, 1 - decay)
+
+    def state_dict(self):
+        return dict(config=self.config, phi=self.phi.state_dict(), ema=self.ema.state_dict())
+
+    @classmethod
+    def from_state(cls, state, latent_shape, paradigm, scheduler):
+        cas = cls(latent_shape, paradigm, scheduler, config=state["config"])
+        cas.phi.load_state_dict(state["phi"]), cas.ema.load_state_dict(state["ema"])
+        return cas
+
+
+def cas_step(scheduler, x0_scheduler, D, x0_prime, r, t, z):
+    """One DDIM step of Cas-DM (Eq. 11 with Eq. 16, 17): the step from θ's output D and the step
+    from ϕ's x'0, mixed by r_t. r_t = 0 is plain DDIM on θ, bit for bit."""
+    mu_eps = scheduler.step(D, t, z).prev_sample  # Eq. 17 (DDIM from ε', or from v)
+    mu_x0 = x0_scheduler.step(x0_prime, t, z).prev_sample  # Eq. 16 (DDIM from x'0)
+    return r * mu_x0 + (1 - r) * mu_eps

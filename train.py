@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import DEVICE, POSITIVE, RANK, SEED, SHARE, WORLD, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, fail, requires
-from comparisons import SelfPerceptual, min_snr_weights, rgb_loss
+from comparisons import CasDM, SelfPerceptual, cas_step, min_snr_weights, rgb_loss
 from data import (atomic_save, cache_path, decode, encode_dataset, image_dataset, latent_geometry, load_vae,
                   looks_like_path)
 from lpl import LatentPerceptualLoss, lpl_mask, z0_from_prediction
@@ -49,7 +49,7 @@ MODELS = {
 # rule itself: before the first step it measures L_Diff and L_LPL of the starting model on a few
 # batches and sets w_LPL = L_Diff / (4 L_LPL), which makes w_LPL·L_LPL a fifth of L_tot.
 LPL_SHARE = 1 / 5
-LOSSES = ("l2", "lpl", "rgb", "self-perceptual")
+LOSSES = ("l2", "lpl", "rgb", "self-perceptual", "cas-dm")
 # Flags that --resume accepts beside the run's own: they change neither the maths nor the data.
 RESUME_OVERRIDES = ("steps", "device", "log_every", "ckpt_every", "sample_every", "num_workers", "compile")
 
@@ -87,10 +87,12 @@ def build_parser():
     a("--loss", default="l2", choices=LOSSES, help="l2: the diffusion loss alone; lpl: plus w_LPL x the "
       "Latent Perceptual Loss; rgb: plus --rgb-weight x the pixel MSE of the fully decoded ẑ0 and z0 on "
       "the samples under τ (the paper's Fig. 7 ablation); self-perceptual: Lin & Yang's objective alone, "
-      "on a frozen copy of the --init-from model (the paper's Table 5)")
+      "on a frozen copy of the --init-from model (the paper's Table 5); cas-dm: An et al.'s cascade, a second "
+      "network ϕ refines the DiT's x0 and takes LPL (--cas-metric) with no gradient into the DiT")
     a("--lpl-weight", type=Float(0, 1e6, lo_open=True), default=None, help="w_LPL. Default: the paper's rule (Section 4.3), "
       "w_LPL·L_LPL = a fifth of the total loss, measured on the starting model over --lpl-calibration-batches "
-      "batches before the first step and stored in the checkpoint (meant for post-training, the paper's use)")
+      "batches before the first step and stored in the checkpoint (meant for post-training, the paper's use). "
+      "Under --loss cas-dm: λ^metric, by the same rule a fifth of ϕ's loss")
     a("--lpl-calibration-batches", type=Int(1, 10000), default=10, help="batches that measure L_Diff and L_LPL for the "
       "default --lpl-weight (their own random draws: the run's batches are the same with any weight)")
     a("--lpl-tau", type=POSITIVE, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
@@ -108,6 +110,10 @@ def build_parser():
     a("--lpl-grad-checkpointing", action="store_true", help="recompute decoder blocks in backward")
     a("--rgb-weight", type=Float(0, 1e6, lo_open=True), default=1.0, help="weight of the pixel MSE of --loss rgb (the paper gives "
       "none; log.jsonl's aux_share shows its share of the total)")
+    a("--cas-metric", default="lpl", choices=["lpl", "none"], help="--loss cas-dm: the metric on ϕ's x'0 (LPIPS, "
+      "the paper's, needs pretrained weights this offline project cannot load); none: Cas-DM's own losses alone")
+    a("--cas-width", type=Int(1, 1024), default=32, help="--loss cas-dm: channels of ϕ's first level (a UNet2DModel of "
+      "two levels, width and 2 x width)")
     a("--sp-layer", type=Int(1, 1000), default=None, help="--loss self-perceptual: the frozen DiT block whose output "
       "is compared (1 = first); default: the middle one (Lin & Yang's mid block)")
     a("--reweight", default="none", choices=["none", "min-snr"], help="per-sample weights on the diffusion "
@@ -133,7 +139,8 @@ def get_args(argv=None):
         args.steps = 50_000
     check_args(args)
     if not args.resume:  # (a resumed run's own options come from its checkpoint, checked below)
-        requires(args, explicit, REQUIRES)
+        loss = "cas-dm --cas-metric none" if args.loss == "cas-dm" and args.cas_metric == "none" else args.loss
+        requires(argparse.Namespace(**dict(vars(args), loss=loss)), explicit, REQUIRES)
     return args, explicit
 
 
@@ -147,14 +154,17 @@ def check_args(args):
     need(args.loss != "self-perceptual" or args.init_from or args.resume, "--loss self-perceptual needs "
          "--init-from CKPT: the pre-trained model is its frozen feature network (Lin & Yang)")
     need(not (args.init_from and args.resume), "--init-from starts a new run, --resume continues one: give one")
+    need(args.loss != "cas-dm" or WORLD == 1, "--loss cas-dm trains on one process: its ϕ is not wrapped for DDP; "
+         "run it without torchrun")
 
 
 # Options that act only with another option's value; given without it they would be ignored in silence.
 REQUIRES = {
-    **{k: ("loss", {"lpl"}, "--loss lpl") for k in (
+    **{k: ("loss", {"lpl", "cas-dm"}, "--loss lpl or cas-dm (--cas-metric lpl)") for k in (
         "lpl_weight", "lpl_calibration_batches", "lpl_blocks", "lpl_normalization", "lpl_detach_sigma",
         "lpl_layer_weights", "lpl_no_outliers", "lpl_grad_checkpointing")},
-    "lpl_tau": ("loss", {"lpl", "rgb"}, "--loss lpl or rgb"),
+    "lpl_tau": ("loss", {"lpl", "rgb", "cas-dm"}, "--loss lpl, rgb or cas-dm (--cas-metric lpl)"),
+    **{k: ("loss", {"cas-dm", "cas-dm --cas-metric none"}, "--loss cas-dm") for k in ("cas_metric", "cas_width")},
     "rgb_weight": ("loss", {"rgb"}, "--loss rgb"),
     "sp_layer": ("loss", {"self-perceptual"}, "--loss self-perceptual"),
     "min_snr_gamma": ("reweight", {"min-snr"}, "--reweight min-snr"),
@@ -259,8 +269,9 @@ def sample_t(paradigm, n, device, scheduler=None):
 
 
 @torch.inference_mode()
-def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None):
-    """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow."""
+def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None, cas=None, cas_ema=True):
+    """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow. With `cas`
+    (a Cas-DM run's ϕ), each DDIM step is mixed with the step from ϕ's x'0 (comparisons.cas_step)."""
     dev = y.device
     z = torch.randn(len(y), *latent_shape, generator=generator, device="cpu").to(dev)
     y_in = torch.cat([y, torch.full_like(y, num_classes)])  # conditional, then the null class
@@ -277,8 +288,18 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
         return z
     sched = ddpm_scheduler(paradigm)
     sched.set_timesteps(steps)
+    if cas is not None:
+        x0_sched = type(sched).from_config(sched.config, prediction_type="sample")  # its own step state
+        x0_sched.set_timesteps(steps)
     for t in sched.timesteps:
-        z = sched.step(D(z, t.to(dev)), t, z).prev_sample
+        out = D(z, t.to(dev))
+        if cas is None:
+            z = sched.step(out, t, z).prev_sample
+            continue
+        abar = sched.alphas_cumprod[t].to(dev)
+        x0_star = z0_from_prediction(out, z, abar.sqrt(), (1 - abar).sqrt(), paradigm)  # Cas-DM's Eq. 8
+        x0_prime, r = cas.refine(x0_star, t.to(dev).expand(len(z)), ema=cas_ema)
+        z = cas_step(sched, x0_sched, out, x0_prime, r, t, z)
     return z
 
 
@@ -425,6 +446,9 @@ def run(args, explicit):
 
     # Everything that can be checked is checked before the encoding and the training.
     run_dir = args.run_dir
+    if args.loss == "cas-dm" and args.paradigm == "flow":
+        fail("--loss cas-dm trains ϕ's mixing weight on the DDPM posterior mean (Cas-DM's Eq. 7, 12), which a flow "
+             "model has not: use a --paradigm eps or v model" + (f" (--init-from {args.init_from} is flow)" if init else ""))
     if resume is None and os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         fail(f"{run_dir} already holds a run (ckpt.pt): continue it with --resume {run_dir}, "
              f"or pick another --run-dir")
@@ -436,7 +460,7 @@ def run(args, explicit):
              f"{factor} and {args.model} cuts the latent into {patch}x{patch} patches")
     latent_shape = (channels, args.image_size // factor, args.image_size // factor)
     lpl = None
-    if args.loss == "lpl":  # the frozen VAE is reused; only samples under the threshold are decoded
+    if args.loss == "lpl" or (args.loss == "cas-dm" and args.cas_metric == "lpl"):  # the frozen VAE, reused
         try:
             lpl = LatentPerceptualLoss(vae, num_blocks=args.lpl_blocks, normalization=args.lpl_normalization,
                                        detach_sigma=args.lpl_detach_sigma, layer_weights=args.lpl_layer_weights,
@@ -498,7 +522,12 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         model_cfg = dict(source["model_config"], sample_size=latent_shape[-1])
     model = build_model(model_cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
+    cas = None
+    if args.loss == "cas-dm":  # ϕ: new on --init-from, restored on --resume; one optimizer for θ and ϕ
+        cas = (CasDM.from_state(resume["cas"], latent_shape, args.paradigm, sched) if resume is not None
+               else CasDM(latent_shape, args.paradigm, sched, width=args.cas_width)).to(device)
+    opt = torch.optim.AdamW([*model.parameters(), *(cas.phi.parameters() if cas else [])], lr=args.lr, weight_decay=0)
     step, last_ckpt = 0, None
     if source is not None:
         model.load_state_dict(source["model"]), ema.load_state_dict(source["ema"])
@@ -508,7 +537,6 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         torch.set_rng_state(resume["rng"]["cpu"])
         if device.type == "cuda" and resume["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
-    sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
     sp = None
     if args.loss == "self-perceptual":  # frozen at the --init-from weights, kept in the checkpoint
         sp = SelfPerceptual(model, args.sp_layer, args.paradigm, sched)
@@ -528,7 +556,7 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
 
     def save():
         nonlocal last_ckpt
-        if not (all_finite(model) and all_finite(ema)):  # never replace a finite checkpoint
+        if not all(all_finite(m) for m in (model, ema, *((cas.phi, cas.ema) if cas else ()))):  # never replace a finite checkpoint
             fail(f"the weights are not finite at step {step}; nothing was saved, " + (
                 f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else "no checkpoint was written")
                 + " (try a lower --lr or --lpl-weight)")
@@ -537,7 +565,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
                              ema=ema.state_dict(), opt=opt.state_dict(), classes=classes,
                              latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
                                  torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                             **(dict(sp_net=sp.net.state_dict()) if sp else {})), ckpt_path)
+                             **(dict(sp_net=sp.net.state_dict()) if sp else {}),
+                             **(dict(cas=cas.state_dict()) if cas else {})), ckpt_path)
         last_ckpt = step
 
     @functools.lru_cache(maxsize=1)
@@ -570,8 +599,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         return z0, y, alpha, sigma, t_model, eps, tuple(t2)
 
     def losses(z0, y, alpha, sigma, t_model, eps, t2):
-        """L_Diff and the added term (LPL, RGB or Self-Perceptual; 0 for l2) of one batch, and LPL's
-        selection mask δ (None when the loss has none)."""
+        """L_Diff, the added term (LPL, RGB or Self-Perceptual; 0 for l2), LPL's selection mask δ (None
+        when the loss has none) and the terms added unweighted (Cas-DM's ϕ: L^x0, L^μ) of one batch."""
         B = len(z0)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         z_t = a * z0 + s * eps
@@ -583,35 +612,44 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
                 loss_diff = (w_t * (out - target).square().flatten(1).mean(1)).mean()
             else:
                 loss_diff = F.mse_loss(out, target)
-            loss_aux, m = torch.zeros((), device=device), None  # the added term: LPL, or rgb / SP
-            if args.loss in ("lpl", "rgb"):
+            loss_aux, m, extra = torch.zeros((), device=device), None, {}  # the added term: LPL, or rgb / SP
+            z0_hat = None  # where LPL or RGB act: θ's ẑ0 (Table 1), or under Cas-DM ϕ's x'0
+            if cas is not None:  # ϕ's losses on θ's detached x0* (Cas-DM's Eq. 12); θ keeps L_Diff alone
+                loss_x0, loss_mu, x0_prime, _ = cas.losses(out, z_t, z0, alpha, sigma, t_model)
+                extra = dict(loss_x0=loss_x0, loss_mu=loss_mu)
+            if args.loss in ("lpl", "rgb") or (cas is not None and lpl is not None):
                 m = lpl_mask(alpha, sigma, args.lpl_tau, res_scale)  # (B,) bool
                 if m.any():  # (a sync, to skip decoding) E[δ·L]: the selected samples' losses, summed, / B
-                    z0_hat = z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm)
+                    z0_hat = (x0_prime[m] if cas is not None else
+                              z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm))
                     per_sample = lpl(z0_hat, z0[m]) if lpl is not None else rgb_loss(vae, z0_hat, z0[m])
                     loss_aux = per_sample.sum() / B
             if sp is not None:  # Lin & Yang train with their objective alone
                 loss_aux = sp(out, z_t, z0, eps, alpha, sigma, y, t2).mean()
-        return loss_diff, loss_aux, m
+        return loss_diff, loss_aux, m, extra
 
     if lpl is not None and args.lpl_weight is None:  # the one-fifth rule, measured (Section 4.3)
         gen = torch.Generator().manual_seed(args.seed + 1_000_003)
         model.eval()
-        with torch.no_grad():
-            sums = sum(torch.stack(losses(*draw(0, gen))[:2]) for _ in range(args.lpl_calibration_batches))
+        with torch.no_grad():  # the rule's reference: L_Diff, or under Cas-DM ϕ's own loss L^x0 + L^μ
+            sums = sum(torch.stack([sum(out[3].values()) if cas else out[0], out[1]])
+                       for out in (losses(*draw(0, gen)) for _ in range(args.lpl_calibration_batches)))
         l_diff, l_lpl = mean_over_ranks(sums).tolist()
         if not l_lpl > 0:
             fail(f"no sample fell under --lpl-tau {args.lpl_tau} in {args.lpl_calibration_batches} calibration "
                  f"batches, so the one-fifth rule cannot set w_LPL: raise --lpl-tau or give --lpl-weight")
         args.lpl_weight = LPL_SHARE / (1 - LPL_SHARE) * l_diff / l_lpl  # w·L_LPL / (L_Diff + w·L_LPL) = 1/5
-        say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule: L_Diff {l_diff / args.lpl_calibration_batches:.4g}, "
+        say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule: {'L^x0 + L^μ' if cas else 'L_Diff'} "
+            f"{l_diff / args.lpl_calibration_batches:.4g}, "
             f"L_LPL {l_lpl / args.lpl_calibration_batches:.4g} on {args.lpl_calibration_batches} batches of the starting model")
-    aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight}.get(args.loss, 0.0)
+    aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight, "cas-dm": args.lpl_weight if lpl else 0.0}.get(args.loss, 0.0)
     say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
           f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
-          + (f" (w_LPL {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl else "")
+          + (f" (w_LPL {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl and not cas else "")
           + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
           + (f" (frozen block {args.sp_layer})" if sp else "")
+          + (f" (ϕ: UNet2DModel {cas.config['block_out_channels']}, {sum(p.numel() for p in cas.phi.parameters()) / 1e6:.2f}M "
+             f"parameters; metric {args.cas_metric}" + (f", w {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl else ")") if cas else "")
           + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {device}"
           + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else "")
           + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
@@ -619,15 +657,18 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         truncate_log(log_path, step)
     log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
     bar = tqdm(total=args.steps, initial=step, desc="train", **({"disable": True} if RANK else {}))  # (TQDM_DISABLE=1 works)
-    acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
-    aux_name = {"lpl": "loss_lpl", "rgb": "loss_rgb", "self-perceptual": "loss_sp"}.get(args.loss)  # None: l2
+    extra_names = ("loss_x0", "loss_mu") if cas else ()  # Cas-DM's ϕ terms, logged under their names
+    new_acc = lambda: dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0, **dict.fromkeys(extra_names, 0.0))  # noqa: E731
+    acc, t0 = new_acc(), time.time()
+    aux_name = {"lpl": "loss_lpl", "rgb": "loss_rgb", "self-perceptual": "loss_sp",
+                "cas-dm": "loss_lpl" if lpl else None}.get(args.loss)  # None: l2
 
-    def measure(loss_diff, loss_aux, m):
-        """The global batch's L_Diff, added term, share under τ and gradient norm, in one sync; a
-        non-finite value stops the run before the update, keeping the last checkpoint."""
+    def measure(loss_diff, loss_aux, m, extra):
+        """The global batch's L_Diff, added term, share under τ, gradient norm (θ's) and Cas-DM's ϕ
+        terms, in one sync; a non-finite value stops the run before the update, keeping the last checkpoint."""
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
         frac = m.float().mean() if m is not None else torch.zeros((), device=device)
-        stats = mean_over_ranks(torch.stack([loss_diff, loss_aux, frac, gnorm]).detach()).tolist()
+        stats = mean_over_ranks(torch.stack([loss_diff, loss_aux, frac, gnorm, *extra.values()]).detach()).tolist()
         if not math.isfinite(sum(stats)):
             fail(f"the loss or its gradient is not finite at step {step + 1}; stopped before the update, " + (
                 f"the checkpoint of step {last_ckpt} in {args.run_dir} is kept" if last_ckpt else
@@ -643,6 +684,8 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
+        if cas is not None:  # ϕ's EMA alike: samples use both averages
+            cas.update_ema(decay)
         return decay
 
     def write_log(step, decay, dt):
@@ -650,9 +693,11 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         row = {"step": step, "loss_diff": acc["diff"] / k}
         if aux_name:  # the added term under its own name (for self-perceptual, the one optimised)
             row[aux_name] = acc["aux"] / k
-        if aux_weight:  # w·L / L_tot: the paper's rule puts LPL's at 1/5
+        row.update({name: acc[name] / k for name in extra_names})
+        if aux_weight:  # w·L / L_tot: the paper's rule puts LPL's at 1/5 (Cas-DM: of ϕ's loss)
             w_aux = aux_weight * acc["aux"] / k
-            row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (acc["diff"] / k + w_aux),
+            ref = sum(acc[name] for name in extra_names) / k if cas else acc["diff"] / k
+            row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (ref + w_aux),
                         "lpl_frac": acc["frac"] / k, "lpl_weight" if lpl is not None else "rgb_weight": aux_weight})
         row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
         log.write(json.dumps(row) + "\n"), log.flush()
@@ -663,28 +708,28 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
         tqdm.write(f"sampling a grid of the EMA model (50 steps) to {grid}")
         y_s = torch.arange(num_classes, device=device).repeat_interleave(8)[:80]
         zs = generate(ema.eval(), args.paradigm, y_s, num_classes, latent_shape,
-                      generator=torch.Generator().manual_seed(args.seed))
+                      generator=torch.Generator().manual_seed(args.seed), cas=cas)
         with atomic_path(grid) as tmp:
             save_image(decode(vae, zs), tmp, nrow=8)
 
     model.train()
     while step < args.steps:  # one step: L_tot = L_Diff + w·L_LPL (Section 3.2), or a comparison's loss
-        loss_diff, loss_aux, m = losses(*draw(step))
-        loss = loss_aux if sp is not None else loss_diff + aux_weight * loss_aux
+        loss_diff, loss_aux, m, extra = losses(*draw(step))
+        loss = loss_aux if sp is not None else loss_diff + sum(extra.values()) + aux_weight * loss_aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        l_diff, l_aux, frac, gnorm = measure(loss_diff, loss_aux, m)
+        loss.backward()  # (Cas-DM: θ's and ϕ's graphs are apart, so one backward gives each its own loss's gradient)
+        l_diff, l_aux, frac, gnorm, *l_extra = measure(loss_diff, loss_aux, m, extra)
         opt.step()
         decay = update_ema(step)
         step += 1
-        for k, v in (("diff", l_diff), ("aux", l_aux), ("frac", frac), ("gnorm", gnorm), ("n", 1)):
+        for k, v in (("diff", l_diff), ("aux", l_aux), ("frac", frac), ("gnorm", gnorm), ("n", 1), *zip(extra_names, l_extra)):
             acc[k] += v
         bar.update(1)
         bar.set_postfix(L_diff=f"{l_diff:.4f}", **({aux_name.replace("loss_", "L_"): f"{l_aux:.4f}"} if aux_name else {}))
         if step % args.log_every == 0 or step == args.steps:
             if log is not None:
                 write_log(step, decay, time.time() - t0)
-            acc, t0 = dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0), time.time()
+            acc, t0 = new_acc(), time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             if step == args.steps and RANK == 0:
                 tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
