@@ -316,7 +316,7 @@ def plot_curves(logs, path):
             share = [r["lpl_share"] for r in rows]  # w·L_LPL = L_Diff · share / (1 − share)
             ax.plot(steps, [r["loss_diff"] * s / (1 - s) for r, s in zip(rows, share)], "--",
                     label=f"{label}: w_LPL·L_LPL")
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (from the start of pre-training)")
     ax.set_ylabel("loss (batch mean)")
     ax.set_yscale("log")
     ax.legend(frameon=False, fontsize=7)
@@ -637,7 +637,9 @@ def main(argv=None):
                     "it at the same training seed (default: none)")
     ta.add_argument("--plot", default=None, metavar="PNG", type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="also plot every run's FID and spectrum error, "
                     "the runs of one training seed joined (default: no plot)")
-    cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share")
+    cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share; "
+                        "a post-training run's steps are counted from the start of its pre-training (its "
+                        "--init-from step is added), so it continues its base's curve")
     cu.add_argument("logs", nargs="+", type=Path("file"), help="log.jsonl files; each is labelled by its run directory")
     cu.add_argument("--out", default="curves.png", type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="the PNG to write")
     args = p.parse_args(argv)
