@@ -33,10 +33,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import DEVICE, Float, Int, Path, HelpFormatter, Parser, fail
+from cli import DEVICE, Float, Int, Path, HelpFormatter, Parser, fail, pick_device
 from data import latent_geometry, load_vae
 from lpl import LatentPerceptualLoss, layer_distance, lpl_mask, z0_from_prediction
-from train import MODELS, build_model, ddpm_scheduler, pick_device
+from model import MODELS, build_model, ddpm_scheduler
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -1,6 +1,6 @@
 """Command-line plumbing shared by the scripts: argparse with every default in --help, one-line
-errors for bad input, the rank torchrun gives this process, and the checked types every option is
-declared with.
+errors for bad input, the checked types every option is declared with, and the process: the rank
+torchrun gives it and its device.
 
 Every option of every entry point takes one of the checked types below (or argparse's `choices`,
 or is a switch), so a value is refused by the parser, in one line naming the option, the value and
@@ -263,3 +263,61 @@ def explicit_dests(parser, argv):
     q.error = lambda message: None
     ns, _ = q.parse_known_args(argv)
     return set(vars(ns))
+
+
+# ------------------------------------------------------------------------------ torchrun (DDP)
+# Every rank draws the whole global batch (its indices, dropped labels, t and noise: one random
+# stream, the same as a single process) and trains on its own slice, so N ranks follow a one-rank run
+# sample for sample and --resume stays exact. DistributedDataParallel averages the gradients; rank 0
+# alone writes.
+def init_distributed(device):
+    """The process group (nccl on CUDA, gloo on CPU) and this rank's device."""
+    if WORLD == 1:
+        return device
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    # the other ranks wait at a barrier while rank 0 encodes the dataset once (ImageNet: long)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    return device
+
+
+def barrier():
+    if WORLD > 1:
+        import torch.distributed
+        torch.distributed.barrier()
+
+
+def mean_over_ranks(x):
+    """x averaged over the ranks (x itself on one)."""
+    if WORLD > 1:
+        import torch.distributed
+        torch.distributed.all_reduce(x)
+        x = x / WORLD
+    return x
+
+
+def pick_device(name=None):
+    """A torch device from --device (None: cuda, else mps, else cpu), checked to exist here."""
+    import torch
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        fail(f"--device {name!r} is not a device name: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: train.py runs on cpu, cuda or mps")
+    return dev

@@ -90,7 +90,7 @@ def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
     raising it (README, Differences). An estimate near the conditional mean shrinks towards the
     mean where z0 is uncertain, so both sit below 1: compare models on one z0, y, t and noise."""
     from lpl import lpl_mask, z0_from_prediction
-    from train import ddpm_scheduler, sample_t
+    from model import ddpm_scheduler, sample_t
     n = len(z0)
     with torch.random.fork_rng():  # the times and noise: the same for every model measured
         torch.manual_seed(seed)
@@ -369,7 +369,8 @@ def main(argv=None):
     if args.metric == "inflation":
         from data import encode_latents, load_vae
         from lpl import LatentPerceptualLoss
-        from train import build_model, load_checkpoint
+        from checkpoints import load_checkpoint
+        from model import build_model
         if args.n < 1:
             fail(f"--n must be >= 1, got {args.n}")
         ckpts = [(path, load_checkpoint(path)) for path in args.ckpts]

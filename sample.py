@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 import fid
 import metrics
-from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail,
+from checkpoints import all_finite, load_checkpoint
+from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail, pick_device,
                  requires)
-from data import decode, latent_geometry, load_vae
 from comparisons import CasDM
-from train import all_finite, build_model, ddpm_scheduler, generate, load_checkpoint, pick_device
+from data import decode, latent_geometry, load_vae
+from model import build_model, ddpm_scheduler, generate
 
 
 def get_args(argv=None):

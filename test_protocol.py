@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import plan
 import protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -212,17 +213,17 @@ def test_a_remade_base_is_not_paired_with_runs_of_the_old_one(finished, tmp_path
 
 
 def test_stage_keys_follow_commands_not_paths():
-    cfg = protocol.load_protocol(os.path.join(HERE, "protocols/smoke.py"))
-    a = {s.name: s.key for s in protocol.build_stages(cfg)}
+    cfg = plan.load_protocol(os.path.join(HERE, "protocols/smoke.py"))
+    a = {s.name: s.key for s in plan.build_stages(cfg)}
     cfg["studies"]["eps"]["post"] = cfg["studies"]["eps"]["post"] + ["--lr", "2e-4"]
-    b = {s.name: s.key for s in protocol.build_stages(cfg)}
+    b = {s.name: s.key for s in plan.build_stages(cfg)}
     assert a["eps/base"] == b["eps/base"] and a["reference"] == b["reference"]
     assert a["eps/l2-s0"] != b["eps/l2-s0"] and a["eps/l2-s0/score"] != b["eps/l2-s0/score"]  # and what reads it
     assert a["eps/table"] != b["eps/table"]
 
 
 def test_schedule_projects_jobs_side_by_side():
-    S = protocol.Stage
+    S = plan.Stage
     stages = [S("a", "x", []), S("b", "x", []), S("c", "x", [], deps=["a"]), S("d", "x", [], deps=["a", "b"])]
     secs = dict(a=10, b=4, c=5, d=1)
     assert protocol.schedule(stages, secs, 1) == 20

@@ -8,15 +8,13 @@ compare. The dataset is encoded once by the frozen VAE (both horizontal flips) a
     python train.py --run-dir runs/lpl --init-from runs/pretrain --steps 20000 --ema-decay 0.9995 --loss lpl
     torchrun --standalone --nproc_per_node 8 train.py ...     # DDP; --batch-size stays the global batch
 
-Time conventions. eps and v: discrete t in {0..999}, t = 0 is (almost) clean, t = 999 is noise;
-z_t = α_t z0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t). flow: t in [0, 1], t = 0 is data,
-t = 1 is noise (SD3's convention); z_t = (1 − t) z0 + t ε, so α_t = 1 − t, σ_t = t.
+The DiT, its schedules and the sampler are in model.py (with the time conventions); checkpoints and
+run folders in checkpoints.py; the related methods (--loss rgb, self-perceptual, cas-dm, --reweight)
+in comparisons.py.
 """
 import argparse
 import contextlib
 import copy
-import datetime
-import fcntl
 import functools
 import json
 import math
@@ -28,21 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import DEVICE, POSITIVE, RANK, SEED, SHARE, WORLD, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, fail, requires
-from comparisons import CasDM, SelfPerceptual, cas_step, min_snr_weights, rgb_loss
+from checkpoints import all_finite, load_checkpoint, lock_run_dir, make_run_dir, truncate_log
+from cli import (DEVICE, POSITIVE, RANK, SEED, SHARE, WORLD, Float, HelpFormatter, Int, Parser, Path, atomic_path, barrier,
+                 entry, fail, init_distributed, mean_over_ranks, pick_device, requires)
+from comparisons import CasDM, SelfPerceptual, min_snr_weights, rgb_loss
 from data import (atomic_save, cache_path, decode, encode_dataset, image_dataset, latent_geometry, load_vae,
                   looks_like_path)
 from lpl import LatentPerceptualLoss, lpl_mask, z0_from_prediction
+from model import MODELS, build_model, ddpm_scheduler, drop_labels, generate, sample_t
 
-# DiT sizes (Peebles & Xie, Table 1), plus two for CPUs: XS (6 layers, 256 wide, the CPU results'
-# model) and T (tests and the one-minute smoke run). Name = size / patch size.
-MODELS = {
-    "DiT-T/2": dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, patch_size=2),
-    "DiT-XS/2": dict(num_layers=6, num_attention_heads=4, attention_head_dim=64, patch_size=2),
-    "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2),
-    "DiT-S/4": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4),
-    "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
-}
 # w_LPL. The paper's rule (Section 4.3, Fig. 9): w_LPL = 3 "roughly corresponds to a fifth of the relative
 # contribution to the total loss". Its absolute scale does not carry over (it depends on the
 # normalisation, the autoencoder, the paradigm's target and τ), so by default the trainer applies the
@@ -175,198 +167,6 @@ REQUIRES = {
     "min_snr_gamma": ("reweight", {"min-snr"}, "--reweight min-snr"),
 }
 
-
-# ------------------------------------------------------------------------------ torchrun (DDP)
-# Every rank draws the whole global batch (its indices, dropped labels, t and noise: one random
-# stream, the same as a single process) and trains on its own slice, so N ranks follow a one-rank run
-# sample for sample and --resume stays exact. DistributedDataParallel averages the gradients; rank 0
-# alone writes.
-def init_distributed(device):
-    """The process group (nccl on CUDA, gloo on CPU) and this rank's device."""
-    if WORLD == 1:
-        return device
-    import torch.distributed as dist
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    # the other ranks wait at a barrier while rank 0 encodes the dataset once (ImageNet: long)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-    return device
-
-
-def barrier():
-    if WORLD > 1:
-        torch.distributed.barrier()
-
-
-def mean_over_ranks(x):
-    """x averaged over the ranks (x itself on one)."""
-    if WORLD > 1:
-        torch.distributed.all_reduce(x)
-        x = x / WORLD
-    return x
-
-
-def pick_device(name=None):
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        fail(f"--device {name!r} is not a device name: use cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        fail(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        fail(f"--device {name}: MPS is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        fail(f"--device {name}: train.py runs on cpu, cuda or mps")
-    return dev
-
-
-# ------------------------------------------------------------------------------ model, schedules
-def build_model(model_cfg):
-    from diffusers import DiTTransformer2DModel
-    from diffusers.models.embeddings import LabelEmbedding
-    model = DiTTransformer2DModel(**model_cfg)
-    for block in model.transformer_blocks:  # adaLN-Zero: each block starts as the identity
-        torch.nn.init.zeros_(block.norm1.linear.weight), torch.nn.init.zeros_(block.norm1.linear.bias)
-    for lin in (model.proj_out_1, model.proj_out_2):  # and the output as zero (DiT, Section 3.2)
-        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
-    # diffusers gives every block (and the final layer) its own label embedding, each dropping labels
-    # independently in training mode: a sample would be unconditional in some blocks only, and the
-    # fully unconditional model that guidance samples from would almost never be trained. The tables
-    # keep their null row (index num_classes); the trainer drops each label once (drop_labels).
-    for m in model.modules():
-        if isinstance(m, LabelEmbedding):
-            m.dropout_prob = 0.0
-    return model
-
-
-def drop_labels(y, num_classes, p):
-    """Classifier-free guidance training (Ho & Salimans): each label is replaced by the null class
-    num_classes with probability p, once per sample, so every block sees the same label."""
-    return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
-
-
-def ddpm_scheduler(paradigm):
-    """The paper's quadratic β schedule (SDXL's, 0.00085 -> 0.012); v with zero terminal SNR (Lin et al.)."""
-    from diffusers import DDIMScheduler
-    v = paradigm == "v"
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                         prediction_type="v_prediction" if v else "epsilon",
-                         rescale_betas_zero_snr=v, timestep_spacing="trailing" if v else "leading")
-
-
-def sample_t(paradigm, n, device, scheduler=None):
-    """Training times and their α_t, σ_t, and the time the model sees (0..1000)."""
-    if paradigm == "flow":  # SD3's "mode sampling with heavy tails", s = 1.29 (Esser et al., Eq. 20)
-        u, s = torch.rand(n, device=device), 1.29
-        t = 1 - u - s * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
-        return 1 - t, t, t * 1000
-    t = torch.randint(0, 1000, (n,), device=device)
-    abar = scheduler.alphas_cumprod.to(device)[t]
-    return abar.sqrt(), (1 - abar).sqrt(), t
-
-
-@torch.inference_mode()
-def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None, cas=None, cas_ema=True):
-    """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow. With `cas`
-    (a Cas-DM run's ϕ), each DDIM step is mixed with the step from ϕ's x'0 (comparisons.cas_step)."""
-    dev = y.device
-    z = torch.randn(len(y), *latent_shape, generator=generator, device="cpu").to(dev)
-    y_in = torch.cat([y, torch.full_like(y, num_classes)])  # conditional, then the null class
-
-    def D(z, t):  # classifier-free guidance (Ho & Salimans)
-        out = model(torch.cat([z, z]), timestep=t.expand(2 * len(z)), class_labels=y_in).sample
-        cond, uncond = out.chunk(2)
-        return uncond + cfg * (cond - uncond)
-
-    if paradigm == "flow":
-        ts = torch.linspace(1, 0, steps + 1, device=dev)
-        for t, t_next in zip(ts[:-1], ts[1:]):
-            z = z + (t_next - t) * D(z, t * 1000)  # dz/dt = ε − z0
-        return z
-    sched = ddpm_scheduler(paradigm)
-    sched.set_timesteps(steps)
-    if cas is not None:
-        x0_sched = type(sched).from_config(sched.config, prediction_type="sample")  # its own step state
-        x0_sched.set_timesteps(steps)
-    for t in sched.timesteps:
-        out = D(z, t.to(dev))
-        if cas is None:
-            z = sched.step(out, t, z).prev_sample
-            continue
-        abar = sched.alphas_cumprod[t].to(dev)
-        x0_star = z0_from_prediction(out, z, abar.sqrt(), (1 - abar).sqrt(), paradigm)  # Cas-DM's Eq. 8
-        x0_prime, r = cas.refine(x0_star, t.to(dev).expand(len(z)), ema=cas_ema)
-        z = cas_step(sched, x0_sched, out, x0_prime, r, t, z)
-    return z
-
-
-# ------------------------------------------------------------------------------ checkpoints
-CKPT_KEYS = ("args", "model_config", "step", "model", "ema", "opt", "classes", "latent_shape", "rng")
-
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        fail(f"no checkpoint at {path!r}")
-    except Exception as e:
-        fail(f"cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupted or not a train.py checkpoint")
-    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
-    if missing:
-        fail(f"{path!r} is not a train.py checkpoint (no {', '.join(repr(k) for k in missing)})")
-    return ckpt
-
-
-def all_finite(module):
-    return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on the run directory for this process's lifetime (released on exit or kill)."""
-    f = open(os.path.join(run_dir, ".lock"), "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(f"another train.py is writing to {run_dir}; wait for it or pick another --run-dir")
-    return f
-
-
-def make_run_dir(path):
-    """Create (or check) the run directory before any work; returns whether it was created."""
-    created = not os.path.isdir(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write to the run directory {path!r} ({e.strerror}); pick a writable --run-dir")
-    return created
-
-
-def truncate_log(path, step):
-    """Drop log rows past the checkpoint's step (written after it, before a kill), and a last row cut
-    short by a kill, so a resume neither logs those steps twice nor trips over half a line."""
-    if not os.path.exists(path):
-        return
-    rows = []
-    for line in open(path):
-        try:
-            if json.loads(line)["step"] <= step:
-                rows.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):  # a partial or foreign line
-            continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------ training
@@ -509,242 +309,273 @@ def run(args, explicit):
 
 
 def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init):
+    """Encode the dataset once (rank 0 first, the others then read its cache), then train."""
     if RANK != 0:
-        barrier()  # rank 0 encodes (or checks) the cache first; the others then read it
+        barrier()
     data = encode_dataset(args, vae, device, ds, classes, cache, latent_shape)
     if RANK == 0:
         barrier()
-    z_all, y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
-    N, num_classes = len(z_all), len(classes)
-    if N < args.batch_size:
-        fail(f"the dataset has {N} latents (images x 2 flips), fewer than --batch-size {args.batch_size}")
+    Run(args, device, vae, lpl, data, classes, cache, latent_shape, resume, init).fit()
 
-    torch.manual_seed(args.seed)  # after encoding, so the stream does not depend on the cache existing
-    model_cfg = dict(MODELS[args.model], in_channels=latent_shape[0], out_channels=latent_shape[0],
-                     sample_size=latent_shape[-1], num_embeds_ada_norm=num_classes)
-    source = resume or init
-    if source is not None:  # (at the new latent width, for a post-training that changes the resolution)
-        model_cfg = dict(source["model_config"], sample_size=latent_shape[-1])
-    model = build_model(model_cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
-    cas = None
-    if args.loss == "cas-dm":  # ϕ: new on --init-from, restored on --resume; one optimizer for θ and ϕ
-        cas = (CasDM.from_state(resume["cas"], latent_shape, args.paradigm, sched) if resume is not None
-               else CasDM(latent_shape, args.paradigm, sched, width=args.cas_width)).to(device)
-    opt = torch.optim.AdamW([*model.parameters(), *(cas.phi.parameters() if cas else [])], lr=args.lr, weight_decay=0)
-    step, last_ckpt = 0, None
-    if source is not None:
-        model.load_state_dict(source["model"]), ema.load_state_dict(source["ema"])
-    if resume is not None:  # --init-from starts afresh; --resume restores everything
-        opt.load_state_dict(resume["opt"])
-        step = last_ckpt = resume["step"]
-        torch.set_rng_state(resume["rng"]["cpu"])
-        if device.type == "cuda" and resume["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
-    sp = None
-    if args.loss == "self-perceptual":  # frozen at the --init-from weights, kept in the checkpoint
-        sp = SelfPerceptual(model, args.sp_layer, args.paradigm, sched)
-        if resume is not None:
-            sp.net.load_state_dict(resume["sp_net"])
-    # Section 4.1: τ scales with resolution. 64 = the latent width of the paper's 512 px images with
-    # its f8 VAE; we scale by the latent grid, on which the noise acts, so an f4 VAE at 32 px (8x8
-    # latents) gets the τ of an f8 VAE at 64 px.
-    res_scale = latent_shape[-1] / 64
-    fwd = model
-    if WORLD > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(fwd) if args.compile else fwd
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.dtype == "bf16")
-    ckpt_path, log_path = os.path.join(args.run_dir, "ckpt.pt"), os.path.join(args.run_dir, "log.jsonl")
 
-    def save():
-        nonlocal last_ckpt
-        if not all(all_finite(m) for m in (model, ema, *((cas.phi, cas.ema) if cas else ()))):  # never replace a finite checkpoint
-            fail(f"the weights are not finite at step {step}; nothing was saved, " + (
-                f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else "no checkpoint was written")
-                + " (try a lower --lr or --lpl-weight)")
-        if RANK == 0:  # the ranks hold the same weights, EMA, optimizer and random state
-            atomic_save(dict(args=vars(args), model_config=model_cfg, step=step, model=model.state_dict(),
-                             ema=ema.state_dict(), opt=opt.state_dict(), classes=classes,
-                             latent_shape=latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
-                                 torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                             **(dict(sp_net=sp.net.state_dict()) if sp else {}),
-                             **(dict(cas=cas.state_dict()) if cas else {})), ckpt_path)
-        last_ckpt = step
+class Run:
+    """One training run: everything a step needs, set up once (__init__); the parts of a step as
+    methods (draw, losses, measure, update_ema); the loop itself in fit()."""
 
-    @functools.lru_cache(maxsize=1)
-    def epoch_order(epoch):  # one permutation per epoch, seeded by it: data order depends on the step only
-        return torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
+    def __init__(self, args, device, vae, lpl, data, classes, cache, latent_shape, resume, init):
+        self.args, self.device, self.vae, self.lpl, self.cache = args, device, vae, lpl, cache
+        self.classes, self.latent_shape, self.resume, self.init = classes, latent_shape, resume, init
+        self.z_all, self.y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
+        self.N, self.num_classes = len(self.z_all), len(classes)
+        if self.N < args.batch_size:
+            fail(f"the dataset has {self.N} latents (images x 2 flips), fewer than --batch-size {args.batch_size}")
+        torch.manual_seed(args.seed)  # after encoding, so the stream does not depend on the cache existing
+        self.model_cfg = dict(MODELS[args.model], in_channels=latent_shape[0], out_channels=latent_shape[0],
+                              sample_size=latent_shape[-1], num_embeds_ada_norm=self.num_classes)
+        source = resume or init
+        if source is not None:  # (at the new latent width, for a post-training that changes the resolution)
+            self.model_cfg = dict(source["model_config"], sample_size=latent_shape[-1])
+        self.model = build_model(self.model_cfg).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
+        self.cas = None  # Cas-DM's ϕ: new on --init-from, restored on --resume; one optimizer for θ and ϕ
+        if args.loss == "cas-dm":
+            self.cas = (CasDM.from_state(resume["cas"], latent_shape, args.paradigm, self.sched) if resume is not None
+                        else CasDM(latent_shape, args.paradigm, self.sched, width=args.cas_width)).to(device)
+        self.opt = torch.optim.AdamW([*self.model.parameters(), *(self.cas.phi.parameters() if self.cas else [])],
+                                     lr=args.lr, weight_decay=0)
+        self.step, self.last_ckpt = 0, None
+        if source is not None:
+            self.model.load_state_dict(source["model"]), self.ema.load_state_dict(source["ema"])
+        if resume is not None:  # --init-from starts afresh; --resume restores everything
+            self.opt.load_state_dict(resume["opt"])
+            self.step = self.last_ckpt = resume["step"]
+            torch.set_rng_state(resume["rng"]["cpu"])
+            if device.type == "cuda" and resume["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(resume["rng"]["cuda"])
+        self.sp = None  # Self-Perceptual's network: frozen at the --init-from weights, kept in the checkpoint
+        if args.loss == "self-perceptual":
+            self.sp = SelfPerceptual(self.model, args.sp_layer, args.paradigm, self.sched)
+            if resume is not None:
+                self.sp.net.load_state_dict(resume["sp_net"])
+        # Section 4.1: τ scales with resolution. 64 = the latent width of the paper's 512 px images with
+        # its f8 VAE; we scale by the latent grid, on which the noise acts, so an f4 VAE at 32 px (8x8
+        # latents) gets the τ of an f8 VAE at 64 px.
+        self.res_scale = latent_shape[-1] / 64
+        self.fwd = self.model
+        if WORLD > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.fwd = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.fwd = torch.compile(self.fwd) if args.compile else self.fwd
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.dtype == "bf16")
+        self.ckpt_path, self.log_path = os.path.join(args.run_dir, "ckpt.pt"), os.path.join(args.run_dir, "log.jsonl")
+        self.epoch_order = functools.lru_cache(maxsize=1)(self._epoch_order)
+        self.say = print if RANK == 0 else (lambda *a: None)
 
-    def batch_indices(step):  # exact on --resume
-        per_epoch = N // args.batch_size
+    # ------------------------------------------------------------------ the batch of a step
+    def _epoch_order(self, epoch):  # one permutation per epoch, seeded by it: data order depends on the step only
+        return torch.randperm(self.N, generator=torch.Generator().manual_seed(self.args.seed * 1000 + epoch)).to(self.device)
+
+    def batch_indices(self, step):  # exact on --resume
+        per_epoch = self.N // self.args.batch_size
         i = step % per_epoch
-        return epoch_order(step // per_epoch)[i * args.batch_size:(i + 1) * args.batch_size]
+        return self.epoch_order(step // per_epoch)[i * self.args.batch_size:(i + 1) * self.args.batch_size]
 
-    say = print if RANK == 0 else (lambda *a: None)
-
-    def draw(step, gen=None):
+    def draw(self, step, gen=None):
         """The batch of `step` (exact on --resume), or with `gen` a batch of its own random draws:
         z0, y (labels dropped), α, σ, the model's t, ε, and Self-Perceptual's t', this rank's slice."""
-        idx = batch_indices(step) if gen is None else torch.randint(0, N, (args.batch_size,), generator=gen).to(device)
-        z0, y = z_all[idx].float(), y_all[idx]
+        args, device = self.args, self.device
+        idx = self.batch_indices(step) if gen is None else torch.randint(0, self.N, (args.batch_size,), generator=gen).to(device)
+        z0, y = self.z_all[idx].float(), self.y_all[idx]
         with torch.random.fork_rng([device] if device.type == "cuda" else []) if gen is not None else contextlib.nullcontext():
             if gen is not None:  # the run's own random stream is left as it was
                 torch.manual_seed(int(torch.randint(2 ** 62, (), generator=gen)))
-            y = drop_labels(y, num_classes, args.label_dropout)
-            alpha, sigma, t_model = sample_t(args.paradigm, len(z0), device, sched)
+            y = drop_labels(y, self.num_classes, args.label_dropout)
+            alpha, sigma, t_model = sample_t(args.paradigm, len(z0), device, self.sched)
             eps = torch.randn_like(z0)
-            t2 = sp.draw(len(z0), device) if sp is not None else ()  # Self-Perceptual's t'
+            t2 = self.sp.draw(len(z0), device) if self.sp is not None else ()  # Self-Perceptual's t'
         if WORLD > 1:  # this rank's slice of the global batch
             k = len(z0) // WORLD
             z0, y, alpha, sigma, t_model, eps, *t2 = (v[RANK * k:(RANK + 1) * k]
                                                       for v in (z0, y, alpha, sigma, t_model, eps, *t2))
         return z0, y, alpha, sigma, t_model, eps, tuple(t2)
 
-    def losses(z0, y, alpha, sigma, t_model, eps, t2):
+    # ------------------------------------------------------------------ the losses of a step
+    def losses(self, z0, y, alpha, sigma, t_model, eps, t2):
         """L_Diff, the added term (LPL, RGB or Self-Perceptual; 0 for l2), LPL's selection mask δ (None
         when the loss has none) and the terms added unweighted (Cas-DM's ϕ: L^x0, L^μ) of one batch."""
+        args, lpl, cas = self.args, self.lpl, self.cas
         B = len(z0)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         z_t = a * z0 + s * eps
         target = {"eps": eps, "v": a * eps - s * z0, "flow": eps - z0}[args.paradigm]
-        with amp:
-            out = fwd(z_t, timestep=t_model, class_labels=y).sample.float()
+        with self.amp:
+            out = self.fwd(z_t, timestep=t_model, class_labels=y).sample.float()
             if args.reweight == "min-snr":  # Table 6's alternative: per-sample weights on the diffusion loss
                 w_t = min_snr_weights(alpha, sigma, args.paradigm, args.min_snr_gamma)  # (B,)
                 loss_diff = (w_t * (out - target).square().flatten(1).mean(1)).mean()
             else:
                 loss_diff = F.mse_loss(out, target)
-            loss_aux, m, extra = torch.zeros((), device=device), None, {}  # the added term: LPL, or rgb / SP
-            z0_hat = None  # where LPL or RGB act: θ's ẑ0 (Table 1), or under Cas-DM ϕ's x'0
+            loss_aux, m, extra = torch.zeros((), device=self.device), None, {}  # the added term: LPL, or rgb / SP
             if cas is not None:  # ϕ's losses on θ's detached x0* (Cas-DM's Eq. 12); θ keeps L_Diff alone
                 loss_x0, loss_mu, x0_prime, _ = cas.losses(out, z_t, z0, alpha, sigma, t_model)
                 extra = dict(loss_x0=loss_x0, loss_mu=loss_mu)
             if args.loss in ("lpl", "rgb") or (cas is not None and lpl is not None):
-                m = lpl_mask(alpha, sigma, args.lpl_tau, res_scale)  # (B,) bool
+                m = lpl_mask(alpha, sigma, args.lpl_tau, self.res_scale)  # (B,) bool
                 if m.any():  # (a sync, to skip decoding) E[δ·L]: the selected samples' losses, summed, / B
-                    z0_hat = (x0_prime[m] if cas is not None else
+                    z0_hat = (x0_prime[m] if cas is not None else  # LPL on ϕ's x'0 under Cas-DM, else θ's ẑ0
                               z0_from_prediction(out[m], z_t[m], alpha[m], sigma[m], args.paradigm))
-                    per_sample = lpl(z0_hat, z0[m]) if lpl is not None else rgb_loss(vae, z0_hat, z0[m])
+                    per_sample = lpl(z0_hat, z0[m]) if lpl is not None else rgb_loss(self.vae, z0_hat, z0[m])
                     loss_aux = per_sample.sum() / B
-            if sp is not None:  # Lin & Yang train with their objective alone
-                loss_aux = sp(out, z_t, z0, eps, alpha, sigma, y, t2).mean()
+            if self.sp is not None:  # Lin & Yang train with their objective alone
+                loss_aux = self.sp(out, z_t, z0, eps, alpha, sigma, y, t2).mean()
         return loss_diff, loss_aux, m, extra
 
-    if lpl is not None and args.lpl_weight is None:  # the one-fifth rule, measured (Section 4.3)
+    def calibrate_lpl_weight(self):
+        """The one-fifth rule, measured (Section 4.3): w_LPL·L_LPL = a fifth of L_Diff + w_LPL·L_LPL on
+        the starting model, over batches of their own draws (the run's batches are the same with any w)."""
+        args = self.args
         gen = torch.Generator().manual_seed(args.seed + 1_000_003)
-        model.eval()
+        self.model.eval()
         with torch.no_grad():  # the rule's reference: L_Diff, or under Cas-DM ϕ's own loss L^x0 + L^μ
-            sums = sum(torch.stack([sum(out[3].values()) if cas else out[0], out[1]])
-                       for out in (losses(*draw(0, gen)) for _ in range(args.lpl_calibration_batches)))
+            sums = sum(torch.stack([sum(out[3].values()) if self.cas else out[0], out[1]])
+                       for out in (self.losses(*self.draw(0, gen)) for _ in range(args.lpl_calibration_batches)))
         l_diff, l_lpl = mean_over_ranks(sums).tolist()
         if not l_lpl > 0:
             fail(f"no sample fell under --lpl-tau {args.lpl_tau} in {args.lpl_calibration_batches} calibration "
                  f"batches, so the one-fifth rule cannot set w_LPL: raise --lpl-tau or give --lpl-weight")
         args.lpl_weight = LPL_SHARE / (1 - LPL_SHARE) * l_diff / l_lpl  # w·L_LPL / (L_Diff + w·L_LPL) = 1/5
-        say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule: {'L^x0 + L^μ' if cas else 'L_Diff'} "
-            f"{l_diff / args.lpl_calibration_batches:.4g}, "
-            f"L_LPL {l_lpl / args.lpl_calibration_batches:.4g} on {args.lpl_calibration_batches} batches of the starting model")
-    aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight, "cas-dm": args.lpl_weight if lpl else 0.0}.get(args.loss, 0.0)
-    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {N} latents "
-          f"{latent_shape} from {cache}, {args.paradigm}, loss {args.loss}"
-          + (f" (w_LPL {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl and not cas else "")
-          + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
-          + (f" (frozen block {args.sp_layer})" if sp else "")
-          + (f" (ϕ: UNet2DModel {cas.config['block_out_channels']}, {sum(p.numel() for p in cas.phi.parameters()) / 1e6:.2f}M "
-             f"parameters; metric {args.cas_metric}" + (f", w {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl else ")") if cas else "")
-          + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {device}"
-          + (f", resumed at step {step}" if resume else f", from {args.init_from}" if init else "")
-          + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
-    if resume is not None and RANK == 0:
-        truncate_log(log_path, step)
-    log = open(log_path, "a" if resume is not None else "w") if RANK == 0 else None
-    bar = tqdm(total=args.steps, initial=step, desc="train", **({"disable": True} if RANK else {}))  # (TQDM_DISABLE=1 works)
-    extra_names = ("loss_x0", "loss_mu") if cas else ()  # Cas-DM's ϕ terms, logged under their names
-    new_acc = lambda: dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0, **dict.fromkeys(extra_names, 0.0))  # noqa: E731
-    acc, t0 = new_acc(), time.time()
-    aux_name = {"lpl": "loss_lpl", "rgb": "loss_rgb", "self-perceptual": "loss_sp",
-                "cas-dm": "loss_lpl" if lpl else None}.get(args.loss)  # None: l2
+        self.say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule: {'L^x0 + L^μ' if self.cas else 'L_Diff'} "
+                 f"{l_diff / args.lpl_calibration_batches:.4g}, L_LPL {l_lpl / args.lpl_calibration_batches:.4g} on "
+                 f"{args.lpl_calibration_batches} batches of the starting model")
 
-    def measure(loss_diff, loss_aux, m, extra):
+    def describe(self):
+        args, cas, lpl = self.args, self.cas, self.lpl
+        self.say(f"{args.model}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters, {self.N} "
+                 f"latents {self.latent_shape} from {self.cache}, {args.paradigm}, loss {args.loss}"
+                 + (f" (w_LPL {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl and not cas else "")
+                 + (f" (weight {args.rgb_weight}, τ {args.lpl_tau})" if args.loss == "rgb" else "")
+                 + (f" (frozen block {args.sp_layer})" if self.sp else "")
+                 + (f" (ϕ: UNet2DModel {cas.config['block_out_channels']}, {sum(p.numel() for p in cas.phi.parameters()) / 1e6:.2f}M "
+                    f"parameters; metric {args.cas_metric}" + (f", w {args.lpl_weight:.4g}, τ {args.lpl_tau})" if lpl else ")") if cas else "")
+                 + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {self.device}"
+                 + (f", resumed at step {self.step}" if self.resume else f", from {args.init_from}" if self.init else "")
+                 + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
+
+    # ------------------------------------------------------------------ after the backward pass
+    def measure(self, loss_diff, loss_aux, m, extra):
         """The global batch's L_Diff, added term, share under τ, gradient norm (θ's) and Cas-DM's ϕ
         terms, in one sync; a non-finite value stops the run before the update, keeping the last checkpoint."""
-        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-        frac = m.float().mean() if m is not None else torch.zeros((), device=device)
+        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None]))
+        frac = m.float().mean() if m is not None else torch.zeros((), device=self.device)
         stats = mean_over_ranks(torch.stack([loss_diff, loss_aux, frac, gnorm, *extra.values()]).detach()).tolist()
         if not math.isfinite(sum(stats)):
-            fail(f"the loss or its gradient is not finite at step {step + 1}; stopped before the update, " + (
-                f"the checkpoint of step {last_ckpt} in {args.run_dir} is kept" if last_ckpt else
+            fail(f"the loss or its gradient is not finite at step {self.step + 1}; stopped before the update, " + (
+                f"the checkpoint of step {self.last_ckpt} in {self.args.run_dir} is kept" if self.last_ckpt else
                 "no checkpoint was written") + " (try a lower --lr or --lpl-weight)")
         return stats
 
-    def update_ema(step):
+    def update_ema(self):
         """EMA with a warm-up, min(decay, (1+n)/(10+n)) (diffusers' EMAModel from its second update on),
         so the run's first steps do not anchor the average to its starting point. For a post-training run
         that is the pre-trained model, which a plain 0.9999 EMA would still hold at 0.9999^20000 = 13.5%
         after 20k steps."""
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        if cas is not None:  # ϕ's EMA alike: samples use both averages
-            cas.update_ema(decay)
+        if self.cas is not None:  # ϕ's EMA alike: samples use both averages
+            self.cas.update_ema(decay)
         return decay
 
-    def write_log(step, decay, dt):
-        k = acc["n"]
-        row = {"step": step, "loss_diff": acc["diff"] / k}
-        if aux_name:  # the added term under its own name (for self-perceptual, the one optimised)
-            row[aux_name] = acc["aux"] / k
-        row.update({name: acc[name] / k for name in extra_names})
-        if aux_weight:  # w·L / L_tot: the paper's rule puts LPL's at 1/5 (Cas-DM: of ϕ's loss)
-            w_aux = aux_weight * acc["aux"] / k
-            ref = sum(acc[name] for name in extra_names) / k if cas else acc["diff"] / k
-            row.update({"lpl_share" if lpl is not None else "aux_share": w_aux / (ref + w_aux),
-                        "lpl_frac": acc["frac"] / k, "lpl_weight" if lpl is not None else "rgb_weight": aux_weight})
-        row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=args.lr, ema_decay=decay)
+    # ------------------------------------------------------------------ what a run writes
+    def save(self):
+        """The checkpoint, whole (atomic) and self-describing; never over a finite one with non-finite weights."""
+        cas, sp = self.cas, self.sp
+        if not all(all_finite(m) for m in (self.model, self.ema, *((cas.phi, cas.ema) if cas else ()))):
+            fail(f"the weights are not finite at step {self.step}; nothing was saved, " + (
+                f"the checkpoint of step {self.last_ckpt} is kept" if self.last_ckpt else "no checkpoint was written")
+                + " (try a lower --lr or --lpl-weight)")
+        if RANK == 0:  # the ranks hold the same weights, EMA, optimizer and random state
+            atomic_save(dict(args=vars(self.args), model_config=self.model_cfg, step=self.step, model=self.model.state_dict(),
+                             ema=self.ema.state_dict(), opt=self.opt.state_dict(), classes=self.classes,
+                             latent_shape=self.latent_shape, rng=dict(cpu=torch.get_rng_state(), cuda=(
+                                 torch.cuda.get_rng_state() if self.device.type == "cuda" else None)),
+                             **(dict(sp_net=sp.net.state_dict()) if sp else {}),
+                             **(dict(cas=cas.state_dict()) if cas else {})), self.ckpt_path)
+        self.last_ckpt = self.step
+
+    def write_log(self, log, acc, decay, dt):
+        """One log.jsonl row: the means over the steps since the last row."""
+        k, names = acc["n"], self.extra_names
+        row = {"step": self.step, "loss_diff": acc["diff"] / k}
+        if self.aux_name:  # the added term under its own name (for self-perceptual, the one optimised)
+            row[self.aux_name] = acc["aux"] / k
+        row.update({name: acc[name] / k for name in names})
+        if self.aux_weight:  # w·L / L_tot: the paper's rule puts LPL's at 1/5 (Cas-DM: of ϕ's loss)
+            w_aux = self.aux_weight * acc["aux"] / k
+            ref = sum(acc[name] for name in names) / k if self.cas else acc["diff"] / k
+            lpl = self.lpl is not None
+            row.update({"lpl_share" if lpl else "aux_share": w_aux / (ref + w_aux), "lpl_frac": acc["frac"] / k,
+                        "lpl_weight" if lpl else "rgb_weight": self.aux_weight})
+        row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=self.args.lr, ema_decay=decay)
         log.write(json.dumps(row) + "\n"), log.flush()
 
-    def save_grid(step):
+    def save_grid(self):
         from torchvision.utils import save_image
-        grid = os.path.join(args.run_dir, f"samples-{step:07d}.png")
+        grid = os.path.join(self.args.run_dir, f"samples-{self.step:07d}.png")
         tqdm.write(f"sampling a grid of the EMA model (50 steps) to {grid}")
-        y_s = torch.arange(num_classes, device=device).repeat_interleave(8)[:80]
-        zs = generate(ema.eval(), args.paradigm, y_s, num_classes, latent_shape,
-                      generator=torch.Generator().manual_seed(args.seed), cas=cas)
+        y_s = torch.arange(self.num_classes, device=self.device).repeat_interleave(8)[:80]
+        zs = generate(self.ema.eval(), self.args.paradigm, y_s, self.num_classes, self.latent_shape,
+                      generator=torch.Generator().manual_seed(self.args.seed), cas=self.cas)
         with atomic_path(grid) as tmp:
-            save_image(decode(vae, zs), tmp, nrow=8)
+            save_image(decode(self.vae, zs), tmp, nrow=8)
 
-    model.train()
-    while step < args.steps:  # one step: L_tot = L_Diff + w·L_LPL (Section 3.2), or a comparison's loss
-        loss_diff, loss_aux, m, extra = losses(*draw(step))
-        loss = loss_aux if sp is not None else loss_diff + sum(extra.values()) + aux_weight * loss_aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # (Cas-DM: θ's and ϕ's graphs are apart, so one backward gives each its own loss's gradient)
-        l_diff, l_aux, frac, gnorm, *l_extra = measure(loss_diff, loss_aux, m, extra)
-        opt.step()
-        decay = update_ema(step)
-        step += 1
-        for k, v in (("diff", l_diff), ("aux", l_aux), ("frac", frac), ("gnorm", gnorm), ("n", 1), *zip(extra_names, l_extra)):
-            acc[k] += v
-        bar.update(1)
-        bar.set_postfix(L_diff=f"{l_diff:.4f}", **({aux_name.replace("loss_", "L_"): f"{l_aux:.4f}"} if aux_name else {}))
-        if step % args.log_every == 0 or step == args.steps:
-            if log is not None:
-                write_log(step, decay, time.time() - t0)
-            acc, t0 = new_acc(), time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
-            if step == args.steps and RANK == 0:
-                tqdm.write(f"saving the checkpoint of step {step} to {ckpt_path}")
-            save()
-        if (step % args.sample_every == 0 or step == args.steps) and RANK == 0:
-            save_grid(step)
-    bar.close()
-    if log is not None:
-        log.close()
-    say(f"done: {step} steps, checkpoint {ckpt_path}")
+    # ------------------------------------------------------------------ the loop
+    def fit(self):
+        args, lpl = self.args, self.lpl
+        if lpl is not None and args.lpl_weight is None:
+            self.calibrate_lpl_weight()
+        self.aux_weight = {"lpl": args.lpl_weight, "rgb": args.rgb_weight, "cas-dm": args.lpl_weight if lpl else 0.0}.get(args.loss, 0.0)
+        self.aux_name = {"lpl": "loss_lpl", "rgb": "loss_rgb", "self-perceptual": "loss_sp",
+                         "cas-dm": "loss_lpl" if lpl else None}.get(args.loss)  # None: l2
+        self.extra_names = ("loss_x0", "loss_mu") if self.cas else ()  # Cas-DM's ϕ terms, logged under their names
+        self.describe()
+        if self.resume is not None and RANK == 0:
+            truncate_log(self.log_path, self.step)
+        log = open(self.log_path, "a" if self.resume is not None else "w") if RANK == 0 else None
+        bar = tqdm(total=args.steps, initial=self.step, desc="train", **({"disable": True} if RANK else {}))  # (TQDM_DISABLE=1 works)
+        new_acc = lambda: dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0, **dict.fromkeys(self.extra_names, 0.0))  # noqa: E731
+        acc, t0 = new_acc(), time.time()
+        self.model.train()
+        while self.step < args.steps:  # one step: L_tot = L_Diff + w·L_LPL (Section 3.2), or a comparison's loss
+            loss_diff, loss_aux, m, extra = self.losses(*self.draw(self.step))
+            loss = loss_aux if self.sp is not None else loss_diff + sum(extra.values()) + self.aux_weight * loss_aux
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()  # (Cas-DM: θ's and ϕ's graphs are apart, so one backward gives each its own loss's gradient)
+            l_diff, l_aux, frac, gnorm, *l_extra = self.measure(loss_diff, loss_aux, m, extra)
+            self.opt.step()
+            decay = self.update_ema()
+            self.step += 1
+            for k, v in (("diff", l_diff), ("aux", l_aux), ("frac", frac), ("gnorm", gnorm), ("n", 1),
+                         *zip(self.extra_names, l_extra)):
+                acc[k] += v
+            bar.update(1)
+            bar.set_postfix(L_diff=f"{l_diff:.4f}", **({self.aux_name.replace("loss_", "L_"): f"{l_aux:.4f}"} if self.aux_name else {}))
+            if self.step % args.log_every == 0 or self.step == args.steps:
+                if log is not None:
+                    self.write_log(log, acc, decay, time.time() - t0)
+                acc, t0 = new_acc(), time.time()
+            if self.step % args.ckpt_every == 0 or self.step == args.steps:
+                if self.step == args.steps and RANK == 0:
+                    tqdm.write(f"saving the checkpoint of step {self.step} to {self.ckpt_path}")
+                self.save()
+            if (self.step % args.sample_every == 0 or self.step == args.steps) and RANK == 0:
+                self.save_grid()
+        bar.close()
+        if log is not None:
+            log.close()
+        self.say(f"done: {self.step} steps, checkpoint {self.ckpt_path}")
 
 
 if __name__ == "__main__":

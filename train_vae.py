@@ -22,9 +22,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from cli import DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, fail
+from cli import DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, fail, pick_device
 from data import atomic_save, read_rgb
-from train import pick_device
 
 
 def get_args(argv=None):
