@@ -107,7 +107,7 @@ class CasDM:
     for r_t)."""
 
     def __init__(self, latent_shape, paradigm, scheduler, width=32, config=None):
-        from diffusers import DDIMScheduler, UNet2DModel
+        from diffusers import UNet2DModel
         if paradigm not in ("eps", "v"):
             raise ValueError(f"Cas-DM's L^μ is the DDPM posterior mean (Eq. 7, 12): it takes --paradigm eps or v, "
                              f"got {paradigm}")
@@ -120,8 +120,6 @@ class CasDM:
         torch.nn.init.zeros_(self.phi.conv_out.weight), torch.nn.init.zeros_(self.phi.conv_out.bias)
         self.ema = copy.deepcopy(self.phi).requires_grad_(False)
         self.paradigm, self.scheduler = paradigm, scheduler
-        # Eq. 16 is a DDIM step from x'0: the same schedule, with the model output read as the clean sample
-        self.x0_scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="sample")
 
     def to(self, device):
         self.phi.to(device), self.ema.to(device)

@@ -98,9 +98,9 @@ def _schedule_value(x, device=None):
     if not x.is_floating_point():
         raise ValueError(f"α_t and σ_t must be floats, got {x.dtype}: pass the schedule's values at t, not t "
                          f"itself (alpha_sigma_from_alphas_cumprod / alpha_sigma_from_flow_time give them)")
-    if not torch.isfinite(x).all():  # a NaN compares false everywhere: the sample would silently get no loss
-        raise ValueError("α_t and σ_t must be finite numbers, got NaN or inf")
-    if (x < 0).any():
+    if not (torch.isfinite(x) & (x >= 0)).all():  # one host sync when all is well; NaN compares false
+        if not torch.isfinite(x).all():  # everywhere: the sample would silently get no loss
+            raise ValueError("α_t and σ_t must be finite numbers, got NaN or inf")
         raise ValueError(f"α_t and σ_t must be >= 0 (z_t = α_t z0 + σ_t ε), got {x.min().item():g}")
     return x if device is None else x.to(device)
 
@@ -560,7 +560,7 @@ class LatentPerceptualLoss(nn.Module):
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, pred, z_t, z0, a, s, parameterization):
         """One-time warnings for inputs that give a finite but wrong loss (README, "Traps")."""
-        if len(z0) == 0:
+        if len(z0) == 0 or len(self.__dict__.get("_warned", ())) == 3:  # nothing left to warn about
             return
         shape = (-1,) + (1,) * (z_t.dim() - 1)
         a4, s4 = a.to(z_t).reshape(shape).float(), s.to(z_t).reshape(shape).float()

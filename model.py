@@ -91,7 +91,8 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
     sched = ddpm_scheduler(paradigm)
     sched.set_timesteps(steps)
     if cas is not None:
-        x0_sched = type(sched).from_config(sched.config, prediction_type="sample")  # its own step state
+        # Cas-DM's Eq. 16 is a DDIM step from x'0: the same schedule, the output read as the clean sample
+        x0_sched = type(sched).from_config(sched.config, prediction_type="sample")
         x0_sched.set_timesteps(steps)
     for t in sched.timesteps:
         out = D(z, t.to(dev))
