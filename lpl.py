@@ -14,21 +14,15 @@ Read this file beside Section 3 of the paper; it follows the section top to bott
     α_t, σ_t from a host's schedule                    (after the paper)      alpha_sigma_from_*
     latents to and from the diffusion model's scale    (each pipeline's)      latent_scale, encode_latents
 
-It imports only torch and can be copied alone: the autoencoder is passed in, a diffusers one
-(AutoencoderKL of any SD/SDXL/SD3/FLUX.1 config, AsymmetricAutoencoderKL, FLUX.2, Qwen-Image, Wan,
-DC-AE, TAESD, VQModel) or any decoder, given its blocks and a decode function (LatentPerceptualLoss).
-In a host trainer, with the tensors of its diffusion step (latents in the diffusion model's scale):
+It imports only torch and can be copied alone; the autoencoder is passed in (a diffusers one of
+SUPPORTED, or any decoder given its blocks and a decode function). In a host trainer's step, with
+latents in the diffusion model's scale:
 
     lpl = LatentPerceptualLoss(vae)                                   # frozen, features from hooks
-    alpha_t, sigma_t = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, t)   # DDPM; or
-    alpha_t, sigma_t = alpha_sigma_from_flow_time(t)                  # rectified flow, t = 0 data
+    alpha_t, sigma_t = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, t)   # or _from_flow_time
     loss = loss_diff + w_lpl * lpl.batch_loss(out, z_t, z0, alpha_t, sigma_t, "eps")  # or "v", "flow"
 
-batch_loss is these steps, each public for readers and for trainers that want them apart:
-
-    m = lpl_mask(alpha_t, sigma_t, tau, resolution_scale)             # (B,) bool, δ of Eq. 3
-    z0_hat = z0_from_prediction(out[m], z_t[m], alpha_t[m], sigma_t[m], "eps")  # Table 1
-    loss = loss_diff + w_lpl * lpl(z0_hat, z0[m]).sum() / B           # E[δ · L_LPL] over the batch
+batch_loss is lpl_mask (δ), z0_from_prediction (ẑ0) and lpl(ẑ0[m], z0[m]).sum() / B, each public.
 """
 import functools
 import math
@@ -61,13 +55,11 @@ def z0_from_prediction(pred, z_t, alpha_t, sigma_t, parameterization):
     division makes it exact for any α_t, σ_t (α z_t − σ v = (α² + σ²) z0) at no cost.
     """
     if pred.shape != z_t.shape:
-        hint = (f": a learned-sigma model (DiT, ADM) outputs 2C channels, pass pred[:, :{z_t.shape[1]}], its "
-                f"{'ε' if parameterization == 'eps' else 'prediction'} half" if pred.dim() == z_t.dim()
-                and pred.shape[1] == 2 * z_t.shape[1] else "")
+        hint = (f": a learned-sigma model (DiT, ADM) outputs 2C channels, pass pred[:, :{z_t.shape[1]}]"
+                if pred.dim() == z_t.dim() and pred.shape[1] == 2 * z_t.shape[1] else "")
         raise ValueError(f"the prediction {tuple(pred.shape)} and z_t {tuple(z_t.shape)} differ in shape{hint}")
     a, s = _per_sample(alpha_t, z_t), _per_sample(sigma_t, z_t)  # (B, 1, 1, 1) or scalars
-    # Near pure noise z_t holds nothing of z0 and the division blows up (to inf in z_t's precision).
-    # lpl_mask never selects such samples; this guards other callers, at one host sync on a GPU.
+    # At pure noise the division blows up; lpl_mask never selects it, this guards other callers.
     tiny = torch.finfo(z_t.dtype).tiny ** 0.5
     if parameterization == "eps":
         if (a <= tiny).any():
@@ -90,10 +82,9 @@ def _per_sample(x, ref):
 
 
 def _schedule_value(x, device=None):
-    """α_t or σ_t (a number, tensor or numpy array) as a float tensor (on `device` if given). Every entry
-    point checks its schedule values here, before any broadcasting or selection could hide a bad one:
-    integers are refused (almost always the timestep t passed where its α_t or σ_t belongs), and so are
-    NaN, inf and negative values (z_t = α_t z0 + σ_t ε has α_t, σ_t ≥ 0 in every parameterization)."""
+    """α_t or σ_t (number, tensor or numpy array) as a float tensor, checked by every entry point before
+    broadcasting or selection could hide a bad value: integers (almost always t itself), NaN, inf and
+    negatives (z_t = α_t z0 + σ_t ε has α_t, σ_t ≥ 0 in every parameterization) are refused."""
     x = torch.as_tensor(x)
     if not x.is_floating_point():
         raise ValueError(f"α_t and σ_t must be floats, got {x.dtype}: pass the schedule's values at t, not t "
@@ -106,15 +97,13 @@ def _schedule_value(x, device=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# δ(σ_t ≤ τ_σ) of Eq. 3: LPL is applied only at high SNR. The threshold is on the noise-to-signal
-# ratio σ_t/α_t, which is what makes one τ (3–6 is best, Fig. 6) meaningful for ε, v and flow alike.
-# Section 4.1 scales τ_σ by the upscaling factor of the resolution, as SD3 shifts its schedule
-# (the SD3 shift multiplies σ/α by that factor, so scaling τ_σ by it keeps the same samples in).
+# δ(σ_t ≤ τ_σ) of Eq. 3: LPL only at high SNR, on the noise-to-signal ratio σ_t/α_t, which makes one
+# τ (3–6 best, Fig. 6) mean the same for ε, v and flow. Section 4.1 scales τ_σ with the resolution as
+# SD3 shifts its schedule (the shift multiplies σ/α by that factor: the same samples stay in).
 # ----------------------------------------------------------------------------------------------
 def lpl_mask(alpha_t, sigma_t, tau, resolution_scale):
-    """(B,) bool: which samples get LPL. tau is a number or (B,); resolution_scale = latent width /
-    64, the width τ is given at (batch_loss's default). It has no default here, so that no caller
-    applies τ unscaled by accident: one rule for both."""
+    """(B,) bool: which samples get LPL. tau: a number or (B,); resolution_scale: latent width / 64
+    (batch_loss's default), with no default here so that no caller applies τ unscaled by accident."""
     tau = torch.as_tensor(tau)
     if tau.isnan().any() or (tau < 0).any():
         raise ValueError(f"the LPL noise threshold tau must be >= 0, got {tau.tolist()}")
@@ -127,33 +116,25 @@ def lpl_mask(alpha_t, sigma_t, tau, resolution_scale):
 
 # ----------------------------------------------------------------------------------------------
 # ρ_l: Algorithm 1 (Appendix A.3). Some decoder maps carry small patches of activations orders of
-# magnitude above the rest (Fig. 13); they would dominate Eq. 3, so they are masked. Threshold each
+# magnitude above the rest (Fig. 13) that would dominate Eq. 3, so they are masked: threshold each
 # map at its δ_o and 1 − δ_o quantiles widened by m = 2·std, then clean the outlier set with a
 # morphological opening (erosion, then dilation).
-#
 # Fixes to the published pseudo-code: its argument `m` is unused (shadowed by 2·std), so it is gone;
-# k = int(N·δ_o) is 0 on maps under 50 pixels and kthvalue(0) crashes, so k is clamped to [1, N];
-# one printed version negates a float mask with `~`, which fails, so we negate with `-` as the other
-# does; even kernels with padding (k−1)//2 shrink the map, so kernels are made odd (generalising the
-# paper's own 2 → 3 and 2 → 1: the dilation rounds up, so the safety margin never shrinks, and the
-# erosion rounds down, so no real patch is eroded away); the comments "closing"/"opening" name the
-# two pools the other way round from what they do to the outlier set (A.3: erosion, then dilation).
-# We also compare with ≤ rather than <, so that a constant map (std 0) is not masked whole.
+# k = int(N·δ_o) is 0 on maps under 50 pixels, where kthvalue(0) crashes, so k is clamped to [1, N];
+# one printed version negates a float mask with `~`, which fails (we use `-`, as the other does);
+# even kernels with padding (k−1)//2 shrink the map, so kernels are made odd (the paper's own 2 → 3
+# and 2 → 1, generalised: the dilation rounds up, so the margin never shrinks, the erosion down, so
+# no real patch is eroded away); its comments "closing"/"opening" name the two pools the other way
+# round from what they do to the outlier set. We compare with ≤, not <, so that a constant map
+# (std 0) is not masked whole.
 # ----------------------------------------------------------------------------------------------
-def remove_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
-    """Algorithm 1 on feat (B, C, H, W) -> (mask, feat * mask); mask is bool, True = kept.
-
-    down_f shrinks both kernels for maps at a lower resolution than the one they were set for
-    (Section 4.1: the kernels cover the same proportion of the image at every resolution).
-    """
-    mask = detect_outliers(feat, down_f, opening, closing, quant)
-    return mask, torch.where(mask, feat, 0)
-
-
 def detect_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
-    """The mask of Algorithm 1 alone (the loss needs no masked copy of the features)."""
-    opening = _odd(math.ceil(opening / down_f), up=True)  # dilation of the outlier set
-    closing = _odd(math.ceil(closing / down_f), up=False)  # erosion of the outlier set
+    """Algorithm 1 on feat (B, C, H, W) -> mask (B, C, H, W) bool, True = kept (the algorithm's
+    remove_outliers returns feat * mask too; the loss needs the mask alone). down_f shrinks both
+    kernels for maps narrower than the ones they were set for (Section 4.1: the kernels cover the
+    same proportion of the image at every resolution)."""
+    opening = math.ceil(opening / down_f) | 1  # dilation of the outlier set; even k rounds up to k + 1
+    closing = (math.ceil(closing / down_f) - 1) | 1  # erosion of the outlier set; even k rounds down
     x = feat.detach().float().flatten(-2)  # (B, C, N), in feat's memory format (channels-last or not)
     N = x.shape[-1]
     k_lo = min(max(int(N * quant), 1), N)
@@ -175,12 +156,11 @@ def detect_outliers(feat, down_f=1, opening=5, closing=3, quant=0.02):
 def kth_smallest(x, k):
     """x (R..., N) -> (R..., 1): the k-th smallest value along the last dim, = x.kthvalue(k, -1).
 
-    A selection (topk) works through every element of its row, so the rows are shrunk first.
-    Partition each row into N/g groups of g: the k smallest values all lie in the k groups with the
-    smallest minima (a value among the k smallest that is not its group's minimum has that minimum
-    below it, so that minimum is among the k smallest too). Selecting among those k·g candidates
-    gives the same value and works through about N/g + k·g elements instead of N; g = 8 suits
-    k ≈ 2% of N (√(N/k) ≈ 7). Group j holds positions j, j + N/g, ..., j + (g − 1)·N/g.
+    A speed trick, fenced off here: a selection (topk) works through its whole row, so shrink it. Split
+    each row into N/g groups of g: the k smallest values lie in the k groups with the smallest minima (a
+    value among them that is not its group's minimum has that minimum below it, also among them), so
+    one selection among those k·g candidates gives the same value from about N/g + k·g elements
+    instead of N; g = 8 suits k ≈ 2% of N. Group j holds positions j, j + N/g, ..., j + (g − 1)·N/g.
     """
     N, g = x.shape[-1], 8
     if k <= N - k + 1:  # the low tail: select the k smallest
@@ -198,27 +178,21 @@ def kth_smallest(x, k):
     return vals.amin(-1, keepdim=True) if largest else vals.amax(-1, keepdim=True)
 
 
-def _odd(k, up):
-    return k if k % 2 else (k + 1 if up else k - 1)
-
-
 # ----------------------------------------------------------------------------------------------
-# Section 3.2, "Normalization" and the inner sum of Eq. 3, for one layer l. Each channel is
-# standardised to zero mean, unit variance over space ("the features in every channel in every layer
-# are zero mean and have unit variance") with the statistics of the *prediction's* features ϕ̂ (over
-# the positions ρ keeps), applied to both ϕ and ϕ̂: with separate statistics a correct prediction can
-# still receive gradients. With shared statistics the mean cancels in ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only
-# σ̂ is needed. The squared error is averaged over the kept positions.
-# σ̂ is a function of ϕ̂; the paper does not say whether the gradient flows through it. If it does,
-# the loss can also fall by widening ϕ̂, and its optimum is biased: with ϕ = s + u, where u is what
-# the model cannot predict (variance N) and ϕ̂ = a·s (s of variance S), E[loss] ∝ ((1 − a)² S + N) /
-# (a² S) is smallest at a = 1 + N/S, inflated features wherever ẑ0 is uncertain. With σ̂ held
-# constant the gradient vanishes at a = 1, the conditional mean, as for ℓ2 (test_lpl.py checks
-# both). The authors' code, in its "shared" mode, normalises by the target's norm, which carries no
-# gradient either (its default mode divides the prediction by its own norm, with gradient). So σ̂
-# is a constant by default (detach_sigma=True); detach_sigma=False differentiates it as written.
-# detach_sigma concerns the shared σ̂ only: the "separate" ablation (Section 4.3) standardises each
-# map by its own statistics, with their gradients, as the paper describes it.
+# Section 3.2, "Normalization", and the inner sum of Eq. 3, for one layer l. Each channel is
+# standardised over space with the statistics of the *prediction's* features ϕ̂ (over the positions
+# ρ keeps), applied to both ϕ and ϕ̂: with separate statistics a correct prediction can still receive
+# gradients. Shared, the mean cancels in ϕ' − ϕ̂' = (ϕ − ϕ̂)/σ̂, so only σ̂ is needed; the squared
+# error is averaged over the kept positions.
+# Whether the gradient flows through σ̂ the paper does not say. If it does, the loss can also fall by
+# widening ϕ̂, and its optimum is biased: with ϕ = s + u, u what the model cannot predict (variance
+# N), and ϕ̂ = a·s (s of variance S), E[loss] ∝ ((1 − a)² S + N) / (a² S) is smallest at a = 1 + N/S:
+# inflated features wherever ẑ0 is uncertain. With σ̂ constant the gradient vanishes at a = 1, the
+# conditional mean, as for ℓ2 (test_lpl.py checks both). The authors' "shared" mode normalises by
+# the target's norm, without gradient (their default mode divides the prediction by its own norm,
+# with gradient). So detach_sigma=True by default; False differentiates σ̂ as written. It concerns
+# the shared σ̂ only: "separate" (Section 4.3) standardises each map by its own statistics, with
+# their gradients, as the paper describes it.
 # ----------------------------------------------------------------------------------------------
 def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=True, eps=1e-6):
     """Per-channel Eq. 3 term ‖ρ ⊙ (ϕ' − ϕ̂')‖² / |ρ| for ϕ, ϕ̂ (B, C, H, W), rho bool -> (B, C)."""
@@ -260,12 +234,10 @@ def depth_weights(widths, scheme="pow2"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Eq. 2 needs F^{d,l}: the decoder up to block l, fed the latent exactly as the autoencoder's own
-# decode path is fed. The diffusion model works on latents each family's pipeline normalises in its
-# own way, so each family gets (1) the normalisation, both ways (latent_scale: `to_vae` undoes it
-# before decoding, `to_diffusion` applies it to a host's freshly encoded latents, see encode_latents),
-# (2) the blocks to tap, in decoding order, and (3) its raw decode call. Features are grabbed by
-# hooks on the tapped blocks; decoding stops right after the last one (nothing later is used).
+# Eq. 2 needs F^{d,l}: the decoder up to block l, fed the latent as the autoencoder's own decode path
+# is. Each family's pipeline normalises its latents in its own way, so each family gets (1) that
+# normalisation both ways (latent_scale), (2) the blocks to tap, in decoding order, and (3) its raw
+# decode call. Hooks on the tapped blocks grab ϕ_l; decoding stops after the last one.
 # ----------------------------------------------------------------------------------------------
 SUPPORTED = ("AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1, Playground v2.5, ...), AsymmetricAutoencoderKL, AutoencoderKLFlux2, "
              "AutoencoderKLQwenImage, AutoencoderKLWan (single frames), AutoencoderDC, AutoencoderTiny, VQModel")
@@ -283,18 +255,13 @@ def _family(vae):
 
 
 def latent_scale(vae):
-    """(to_diffusion, to_vae): the family's pipeline normalisation between the autoencoder's latents
-    and the diffusion model's scale, as two maps of (B, C, h, w) tensors, exact inverses of each other.
-
-    (z − m) · k per channel, with m, k from the config, as each family's pipeline applies them:
-      latents_mean/latents_std (Qwen-Image, Wan; AutoencoderKL configs that set them, Playground v2.5):
-          m = latents_mean, k = scaling_factor / latents_std (scaling_factor 1 where the config has none)
-      otherwise (SD 1/2: shift 0; SD3, FLUX.1, TAESD: shift and scale; DC-AE, VQ-GAN: scale only):
-          m = shift_factor, k = scaling_factor
-    FLUX.2 standardises with the running statistics of a BatchNorm over the 2x2-patchified latent;
-    latents here keep the unpatchified shape encode returns, so channel c at (y, x) uses the
-    statistics of patch channel (c, y mod p, x mod q).
-    """
+    """(to_diffusion, to_vae): the family's pipeline normalisation from the autoencoder's latents to
+    the diffusion model's scale and back, maps of (B, C, h, w) tensors, exact inverses of each other:
+    (z − m) · k per channel, as each pipeline applies it, with m = latents_mean and k = scaling_factor
+    (1 if unset) / latents_std where the config has them (Qwen-Image, Wan, Playground v2.5), else m =
+    shift_factor, k = scaling_factor (SD: no shift; SD3, FLUX.1, TAESD; DC-AE, VQ-GAN: no shift).
+    FLUX.2 standardises with a BatchNorm's running statistics over the 2x2-patchified latent; latents
+    here keep encode's unpatchified shape, so (c, y, x) uses patch channel (c, y mod p, x mod q)."""
     family, cfg = _family(vae), getattr(vae, "config", None)
     if family is None:
         raise ValueError(f"no latent scale known for a {type(vae).__name__}: built in are {SUPPORTED}")
@@ -307,8 +274,8 @@ def latent_scale(vae):
                                  f"size {p}x{q}, got {tuple(z.shape)}")
             reps = (1, z.shape[-2] // p, z.shape[-1] // q)
             mean = vae.bn.running_mean.view(-1, p, q).repeat(reps).to(z)
-            std = (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt().repeat(reps).to(z)
-            return mean, std
+            return mean, (vae.bn.running_var.view(-1, p, q) + cfg.batch_norm_eps).sqrt().repeat(reps).to(z)
+
         def to_diffusion(z):
             mean, std = stats(z)
             return (z - mean) / std
@@ -335,9 +302,8 @@ def latent_scale(vae):
 
 def encode_latents(vae, x, sample=False, generator=None):
     """Images x (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w) in the diffusion model's scale, as the
-    family's pipeline makes them: the inverse of what the loss decodes through. The posterior mean
-    (sample=False) or, for a KL autoencoder, a draw from the posterior (sample=True, as DiT's and
-    diffusers' training scripts encode)."""
+    family's pipeline makes them (the inverse of what the loss decodes through): the posterior mean,
+    or with sample=True a draw (KL autoencoders), as DiT's and diffusers' training scripts encode."""
     family = _family(vae)
     to_diffusion, _ = latent_scale(vae)
     if family in ("AutoencoderDC", "AutoencoderTiny", "VQModel"):  # deterministic encoders
@@ -352,12 +318,8 @@ def encode_latents(vae, x, sample=False, generator=None):
 
 
 def decoder_taps(vae):
-    """(taps, decode, latent_channels) for a diffusers autoencoder; see the table in the README.
-
-    taps:   the blocks F^{d,l} ends at, in the order the decoder runs them.
-    decode: z (B, C, h, w) in the diffusion model's scale -> runs the autoencoder's own decode
-            path on it (the hooks stop it early).
-    """
+    """(taps, decode, latent_channels) of a diffusers autoencoder: the blocks F^{d,l} ends at, in
+    decoding order, and fn(z) running its own decode path on z in the diffusion model's scale."""
     family, cfg, dec = _family(vae), getattr(vae, "config", None), getattr(vae, "decoder", None)
     if family is None or (family != "AutoencoderTiny" and not hasattr(dec, "up_blocks")):
         raise ValueError(f"LatentPerceptualLoss cannot read a {type(vae).__name__}: built in are {SUPPORTED}. "
@@ -367,21 +329,21 @@ def decoder_taps(vae):
     if family in _VIDEO:  # one frame in and out
         return ([dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z).unsqueeze(2)).sample[:, :, 0],
                 cfg.z_dim)
+    # VQ: no codebook lookup (as Kandinsky's pipelines decode): quantizing would make the loss piecewise constant
+    kwargs = {"force_not_quantize": True} if family == "VQModel" else {}
+
+    def decode(z):
+        return vae.decode(to_vae(z), **kwargs).sample
     if family == "AutoencoderDC":  # DC-AE runs its up blocks from the last to the first; a stage may be empty
-        return [b for b in reversed(dec.up_blocks) if len(b) > 0], lambda z: vae.decode(to_vae(z)).sample, cfg.latent_channels
+        return [b for b in reversed(dec.up_blocks) if len(b) > 0], decode, cfg.latent_channels
     if family == "AutoencoderTiny":  # TAESD's decoder is one Sequential: tap each resolution's last residual block
         layers = list(dec.layers)
         taps = [m for i, m in enumerate(layers) if type(m).__name__ == "AutoencoderTinyBlock"
                 and (i + 1 == len(layers) or type(layers[i + 1]).__name__ != "AutoencoderTinyBlock")]
-        return taps, lambda z: vae.decode(to_vae(z)).sample, cfg.latent_channels
-    if family == "VQModel":  # decoded without the codebook lookup (as Kandinsky's pipelines decode):
-        # quantizing ẑ0 and z0 would make the loss piecewise constant
-        return ([dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z), force_not_quantize=True).sample,
-                cfg.latent_channels)
-    # SD, SDXL, SD3, FLUX.1, FLUX.2 and the asymmetric SD decoder of the paper's main runs (its decode
-    # runs the same mid block and up blocks when no inpainting image and mask are given)
-    return [dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z)).sample, cfg.latent_channels
-
+        return taps, decode, cfg.latent_channels
+    # SD, SDXL, SD3, FLUX.1, FLUX.2, VQ-GAN and the asymmetric SD decoder of the paper's main runs (its
+    # decode runs the same mid block and up blocks when no inpainting image and mask are given)
+    return [dec.mid_block, *dec.up_blocks], decode, cfg.latent_channels
 
 class _StopDecoding(Exception):
     pass
@@ -391,35 +353,29 @@ class LatentPerceptualLoss(nn.Module):
     """Eq. 3 on a frozen autoencoder; forward(ẑ0, z0) -> (B,) per-sample loss.
 
     vae:             a diffusers autoencoder of a family in SUPPORTED, or any nn.Module with
-                     taps and decode given (bring your own decoder).
+                     taps, decode and latent_channels given (bring your own decoder).
     num_blocks:      decoder blocks tapped, first block first (Fig. 7); None = all (5 for SD VAEs).
     normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3).
-    detach_sigma:    treat the shared σ̂ as a constant (default; see layer_distance) or, False,
-                     let the gradient flow through it.
+    detach_sigma:    the shared σ̂ as a constant (default; see layer_distance) or, False, differentiated.
     layer_weights:   "pow2" (ω_l = 2^(−r_l), the paper's) | "uniform" (Section 4.3).
     outliers:        mask outliers with Algorithm 1 (the paper's default) or not.
     kernel_ref_size: map width at which Algorithm 1's kernels (5, 3) apply as they are; narrower
                      maps get proportionally smaller kernels (Section 4.1). 512: the paper's images.
     grad_checkpointing: recompute the decoder blocks in backward instead of storing activations
-                     (diffusers >= 0.32, AutoencoderKL-type decoders, which checkpoint each block;
-                     earlier versions checkpoint only in training mode, which the frozen VAE is
-                     not, and would silently store everything).
-    taps, decode, latent_channels: bring your own decoder. taps: the modules whose outputs are ϕ_l,
-                     in the order the decoder runs them; decode: fn(z) running the decoder on a
-                     latent in the diffusion model's scale (undo your scaling inside it);
-                     latent_channels: C of the latents. Given, they replace the built-in reading.
+                     (AutoencoderKL-type decoders; diffusers >= 0.32 checkpoints in eval mode too).
+    taps, decode, latent_channels: the modules whose outputs are ϕ_l, in decoding order; fn(z) that
+                     decodes a latent in the diffusion model's scale (undo your scaling inside it); C.
 
-    Latents are cast to the VAE's dtype, so any VAE dtype works, with or without autocast; prefer
-    fp32 (the authors' choice: fp16 SD decoders overflow) or bf16. The VAE is held by reference,
-    not registered as a submodule, so the loss has no state of its own (empty state_dict) and
-    lpl.train() leaves the frozen VAE in eval; moving it to a device is the caller's job.
+    Latents are cast to the VAE's dtype; prefer fp32 (fp16 SD decoders overflow) or bf16. The VAE is
+    held by reference, not as a submodule: the loss has an empty state_dict, lpl.train() leaves the
+    VAE in eval, and moving it to a device is the caller's job.
     """
 
     def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=True, layer_weights="pow2",
                  outliers=True, kernel_ref_size=512, grad_checkpointing=False, taps=None, decode=None,
                  latent_channels=None):
         super().__init__()
-        if (taps is None) != (decode is None) or (taps is None) != (latent_channels is None):
+        if not (taps is None) == (decode is None) == (latent_channels is None):
             raise ValueError("bring-your-own decoder: pass taps, decode and latent_channels together")
         if taps is None:
             taps, decode, latent_channels = decoder_taps(vae)
@@ -436,15 +392,11 @@ class LatentPerceptualLoss(nn.Module):
             if type(dec).__name__ not in ("Decoder", "MaskConditionDecoder"):
                 raise ValueError(f"grad_checkpointing needs a decoder that checkpoints each block (AutoencoderKL, "
                                  f"AsymmetricAutoencoderKL, AutoencoderKLFlux2); {type(vae).__name__} has none")
-            # diffusers' two block-wise decoders read these two attributes (>= 0.32, in eval mode too).
-            # Set on the decoder alone: AsymmetricAutoencoderKL refuses enable_gradient_checkpointing
-            # though its decoder checkpoints the same way; the encoder is never run by the loss.
+            # on the decoder: AsymmetricAutoencoderKL refuses enable_gradient_checkpointing, its decoder not
             dec.gradient_checkpointing = True
             dec._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         # plain attributes, not submodules (see above); frozen: gradients reach ẑ0, never the VAE
-        self.__dict__["vae"] = vae.eval().requires_grad_(False)
-        self.__dict__["taps"] = list(taps)[:n]
-        self.__dict__["decode"] = decode
+        self.__dict__.update(vae=vae.eval().requires_grad_(False), taps=list(taps)[:n], decode=decode)
         self.latent_channels = latent_channels
         self.normalization, self.detach_sigma = normalization, detach_sigma
         self.outliers, self.kernel_ref_size = outliers, kernel_ref_size
@@ -459,18 +411,14 @@ class LatentPerceptualLoss(nn.Module):
         self.layer_weights = depth_weights(widths, layer_weights)  # ω_1..ω_L
 
     def features(self, z):
-        """Eq. 2: [ϕ_1, ..., ϕ_L] for z (B, C, h, w) in the diffusion model's latent scale; a
-        single-frame (B, C, 1, h, w), as the video autoencoders (Qwen-Image, Wan) encode, is taken too."""
-        if z.dim() == 5:
-            if z.shape[2] != 1:
-                raise ValueError(f"LPL takes single-frame latents, got {tuple(z.shape)}")
-            z = z[:, :, 0]  # (B, C, h, w)
+        """Eq. 2: [ϕ_1, ..., ϕ_L] for z (B, C, h, w), or one frame (B, C, 1, h, w), in the diffusion scale."""
+        z = z[:, :, 0] if z.dim() == 5 and z.shape[2] == 1 else z  # (B, C, h, w)
         if z.dim() != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE: expected "
-                             f"(B, {self.latent_channels}, h, w); is it the same VAE that encoded the data?")
+            raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE: expected (B, "
+                             f"{self.latent_channels}, h, w) or a single-frame (B, {self.latent_channels}, 1, h, w); "
+                             f"is it the same VAE that encoded the data?")
         if min(z.shape[-2:]) < 2:  # a 1x1 map has no spatial variance: σ̂ = √eps would blow the loss up
-            raise ValueError(f"latent of shape {tuple(z.shape)} is too small: the per-channel "
-                             f"standardisation (Section 3.2) needs maps of at least 2x2")
+            raise ValueError(f"latent of shape {tuple(z.shape)} is too small: Section 3.2's standardisation needs at least 2x2")
         z = z.to(next(self.vae.parameters()).dtype)  # in the VAE's dtype (fp16/bf16/fp64 in)
         feats, last = [], self.taps[-1]
 
@@ -510,26 +458,19 @@ class LatentPerceptualLoss(nn.Module):
 
     def batch_loss(self, pred, z_t, z0, alpha_t, sigma_t, parameterization, tau=4.0, resolution_scale=None,
                    return_selected=False, path=None):
-        """w_LPL's term in one call: Eq. 3 with δ, as the expectation over the batch, from the tensors
-        of the host's diffusion step. The samples under the noise threshold are selected (lpl_mask),
-        their ẑ0 computed (z0_from_prediction) and decoded; the others count as 0, so the result is
-        Σ_selected L_LPL / B, a scalar (0 without decoder work when none is selected).
+        """w_LPL's term: Eq. 3 with δ as the expectation over the batch, from the tensors of the host's
+        diffusion step: Σ_selected L_LPL / B, a scalar (0 without decoder work when none is selected).
 
         pred:    the model output D (B, C, h, w): ε, v or ε − z0 (the ε half of a learned-sigma model).
         z_t, z0: the noised and clean latents (B, C, h, w), in the diffusion model's scale.
-        alpha_t, sigma_t: (B,) floats with z_t = α_t z0 + σ_t ε (see alpha_sigma_from_alphas_cumprod and
-                 alpha_sigma_from_flow_time).
-        tau:     τ on σ/α (3–6 best, Fig. 6), given at 64×64 latents (this project's reading of the
-                 paper's 512 px at f8); resolution_scale defaults to latent width / 64.
-        return_selected: also return δ, the (B,) bool of the samples that got LPL: at small latents
-                 LPL fires rarely (8×8: σ/α ≤ 0.5), and a host can log m.float().mean() to see it ran.
-        path:    the schedule identity α_t, σ_t must satisfy, checked on every call: "vp" (α² + σ² = 1,
-                 DDPM; the default for eps and v), "linear" (α + σ = 1; the default and only one for
-                 flow, and an ε or v model trained on that path) or "any" (unchecked: EDM/VE schedules).
-
-        Inputs that are wrong in the ways host trainers get them wrong, yet give a finite loss, are
-        caught here (see check_inputs): an identity the schedule breaks is an error, a statistic
-        far from what it must be a one-time warning.
+        alpha_t, sigma_t: (B,) floats with z_t = α_t z0 + σ_t ε (alpha_sigma_from_* below give them).
+        tau:     τ on σ/α (3–6 best, Fig. 6) at 64×64 latents (this project's reading of the paper's
+                 512 px at f8); resolution_scale defaults to latent width / 64.
+        return_selected: also return δ (B,) bool: at 8×8 latents LPL fires at σ/α ≤ 0.5 only, so a
+                 host can log m.float().mean() to see that it runs.
+        path:    the identity α_t, σ_t must satisfy, checked every call: "vp" (α² + σ² = 1, the default
+                 for eps and v), "linear" (α + σ = 1, flow's only one) or "any" (EDM/VE schedules).
+        A broken identity is an error, a statistic far from any correct hook-up's a one-time warning.
         """
         if parameterization not in PARAMETERIZATIONS:  # checked even when no sample is selected
             raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
@@ -554,12 +495,11 @@ class LatentPerceptualLoss(nn.Module):
         return (loss, m) if return_selected else loss
 
     # ------------------------------------------------------------------------------------------
-    # Not in the paper: the cheap checks of batch_loss. Each statistic below is what a correct
-    # hook-up gives, whatever the model has learned, so a value far from it is a wrong input, not
-    # a bad model. Three statistics, one host sync; each warning is given once per loss.
+    # Not in the paper: batch_loss's checks for inputs that give a finite but wrong loss (README,
+    # "Traps"). Each statistic is what a correct hook-up gives whatever the model has learned, so a
+    # value far from it is a wrong input, not a bad model. One host sync; each warning given once.
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, pred, z_t, z0, a, s, parameterization):
-        """One-time warnings for inputs that give a finite but wrong loss (README, "Traps")."""
         if len(z0) == 0 or len(self.__dict__.get("_warned", ())) == 3:  # nothing left to warn about
             return
         shape = (-1,) + (1,) * (z_t.dim() - 1)
@@ -576,25 +516,23 @@ class LatentPerceptualLoss(nn.Module):
         target = {"eps": eps_hat, "v": a4 * eps_hat - s4 * z0f, "flow": eps_hat - z0f}[parameterization]
         cos = (noisy * pf * target).sum() / ((noisy * pf).norm() * (noisy * target).norm()).clamp_min(1e-12)
         z0_std, worst, cos = torch.stack([z0_std, worst, cos]).tolist()
-        if not 0.25 <= z0_std <= 4:
-            self._warn_once("scale", f"z0 has a standard deviation of {z0_std:.3g}: latents in the diffusion model's "
-                            f"scale have one near 1. Are they in the autoencoder's raw scale (SD: times "
-                            f"scaling_factor 0.18215 missing)? encode_latents(vae, x) gives the right scale")
-        if worst > math.log(3):
-            self._warn_once("noise", "z_t − α_t z0 is not σ_t times a unit-variance noise for some samples: "
-                            "α_t, σ_t do not belong to this z_t. Flow code with t = 1 at the data (SiT, torchcfm) "
-                            "needs alpha_sigma_from_flow_time(t, data_at=1) and pred = −u; a scaled model input "
-                            "(EDM's c_in z_t) must be passed unscaled")
-        if cos < -0.5:
-            self._warn_once("sign", f"the prediction points away from the {parameterization} target (cosine {cos:.2f}): "
-                            f"a velocity u = z0 − ε (t = 1 at the data) must be passed as −u; a preconditioned "
-                            f"output (SD3's x0 estimate) must be passed as the raw model output")
-
-    def _warn_once(self, kind, message):
         warned = self.__dict__.setdefault("_warned", set())
-        if kind not in warned:
-            warned.add(kind)
-            warnings.warn(message, LPLInputWarning, stacklevel=4)
+        for kind, wrong, message in (
+            ("scale", not 0.25 <= z0_std <= 4,
+             f"z0 has a standard deviation of {z0_std:.3g}: latents in the diffusion model's scale have one near "
+             f"1. Are they in the autoencoder's raw scale (SD: times scaling_factor 0.18215 missing)? "
+             f"encode_latents(vae, x) gives the right scale"),
+            ("noise", worst > math.log(3),
+             "z_t − α_t z0 is not σ_t times a unit-variance noise for some samples: α_t, σ_t do not belong to this "
+             "z_t. Flow code with t = 1 at the data (SiT, torchcfm) needs alpha_sigma_from_flow_time(t, data_at=1) "
+             "and pred = −u; a scaled model input (EDM's c_in z_t) must be passed unscaled"),
+            ("sign", cos < -0.5,
+             f"the prediction points away from the {parameterization} target (cosine {cos:.2f}): a velocity u = "
+             f"z0 − ε (t = 1 at the data) must be passed as −u; a preconditioned output (SD3's x0 estimate) must "
+             f"be passed as the raw model output")):
+            if wrong and kind not in warned:
+                warned.add(kind)
+                warnings.warn(message, LPLInputWarning, stacklevel=3)
 
     def outlier_mask(self, f):
         """ρ_l from the target's features ϕ, as in the authors' code (Eq. 3 writes ρ(ϕ̂)): a mask
@@ -605,18 +543,14 @@ class LatentPerceptualLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# α_t and σ_t in a host trainer's own terms. DDPM codebases keep ᾱ_t (diffusers' and OpenAI's
-# `alphas_cumprod`); the paper's α_t, σ_t are its square roots. Flow codebases differ in where the
-# data sits:
-#   t = 0 is data (minRF, SD3, diffusers' FlowMatchEulerDiscreteScheduler): z_t = (1 − t) z0 + t ε,
-#       the model predicts D = ε − z0: α_t = 1 − t, σ_t = t, pass D as it is ("flow").
-#   t = 1 is data (SiT, torchcfm, flow_matching): x_t = t x1 + (1 − t) x0 with x0 the noise, the model
-#       predicts u = x1 − x0 = −D: α_t = t, σ_t = 1 − t, pass −u.
+# α_t and σ_t in a host trainer's own terms. DDPM codebases keep ᾱ_t (`alphas_cumprod`); α_t, σ_t
+# are its square roots. Flow codebases differ in where the data sits:
+#   t = 0 (minRF, SD3, FlowMatchEulerDiscreteScheduler): z_t = (1 − t) z0 + t ε, D = ε − z0 as it is.
+#   t = 1 (SiT, torchcfm, flow_matching): x_t = t x1 + (1 − t) x0, x0 the noise, u = x1 − x0: pass −u.
 # ----------------------------------------------------------------------------------------------
 def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
-    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) for integer timesteps t (B,); alphas_cumprod: a torch tensor or
-    numpy array of ᾱ (diffusers' scheduler.alphas_cumprod, OpenAI's diffusion.alphas_cumprod). The roots
-    are taken in the table's own precision (OpenAI's is float64) and returned in float32 on t's device."""
+    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) at integer timesteps t (B,) from a tensor or numpy array of ᾱ
+    (diffusers' and OpenAI's alphas_cumprod), rooted in its precision, float32 on t's device."""
     t = torch.as_tensor(t)
     abar = torch.as_tensor(alphas_cumprod)
     if t.is_floating_point() or t.dtype == torch.bool:
@@ -628,19 +562,16 @@ def alpha_sigma_from_alphas_cumprod(alphas_cumprod, t):
 
 
 def _check_path(a, s, parameterization, path):
-    """The schedule identity of the path (α² + σ² = 1 or α + σ = 1), with the mistake that breaks it
-    named: each of these gives a finite, wrong loss when let through."""
+    """The path's identity (α² + σ² = 1 or α + σ = 1), with the mistake that breaks it named."""
     path = path or ("linear" if parameterization == "flow" else "vp")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} (or None: the parameterization's own), got {path!r}")
     if parameterization == "flow" and path != "linear":
         raise ValueError("flow's ẑ0 = z_t − σ_t D holds on the linear path α_t + σ_t = 1 only; leave path unset")
-    a, s = a.double(), s.double()
-    one = torch.ones_like(a)
+    a, s, one = a.double(), s.double(), torch.ones_like(a, dtype=torch.float64)
     if path == "linear" and not torch.allclose(a + s, one, atol=1e-3):
-        raise ValueError("α_t + σ_t must be 1 on the linear path (flow: z_t = (1 − t) z0 + t ε, α_t = 1 − t, σ_t = t); "
-                         "for a codebase where t = 1 is the data use alpha_sigma_from_flow_time(t, data_at=1) and "
-                         "pass −u")
+        raise ValueError("α_t + σ_t must be 1 on the linear path (flow: α_t = 1 − t, σ_t = t); where t = 1 is the "
+                         "data, use alpha_sigma_from_flow_time(t, data_at=1) and pass −u")
     if path == "vp" and not torch.allclose(a * a + s * s, one, atol=1e-2):
         if torch.allclose(a + s, one, atol=1e-6):
             raise ValueError("α_t + σ_t = 1 for every sample: that is ᾱ_t and 1 − ᾱ_t, not DDPM's α_t = √ᾱ_t, σ_t = "

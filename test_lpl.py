@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from lpl import (LatentPerceptualLoss, alpha_sigma_from_alphas_cumprod, alpha_sigma_from_flow_time, depth_weights,
-                 detect_outliers, kth_smallest, layer_distance, lpl_mask, remove_outliers, z0_from_prediction)
+                 detect_outliers, kth_smallest, layer_distance, lpl_mask, z0_from_prediction)
 
 
 def tiny_vae(blocks=2, latent_channels=4, seed=0, **kw):
@@ -91,17 +91,16 @@ def test_outliers_gaussian_maps_are_untouched():
     torch.manual_seed(0)
     for size in (2, 3, 4, 8, 32, 64):
         feat = torch.randn(4, 16, size, size)
-        mask, out = remove_outliers(feat)
+        mask = detect_outliers(feat)
         assert mask.shape == feat.shape and mask.dtype == torch.bool
         assert mask.all(), f"false positives on a Gaussian {size}x{size} map"
-        assert torch.equal(out, feat)
 
 
 def test_outliers_planted_patch_is_masked():
     torch.manual_seed(0)
     feat = torch.randn(2, 3, 32, 32)
     feat[:, 1, 10:14, 20:24] = 100.0  # 16 of 1024 positions, 100x the typical scale
-    mask, out = remove_outliers(feat)
+    mask = detect_outliers(feat)
     assert not mask[:, 1, 10:14, 20:24].any()  # the patch is masked...
     # ...with a 1-pixel margin: the erosion (3) shrinks it to 2x2, the dilation (5) grows it to 6x6
     assert not mask[:, 1, 9:15, 19:25].any()
@@ -109,7 +108,7 @@ def test_outliers_planted_patch_is_masked():
     keep[9:15, 19:25] = False
     assert mask[:, 1][:, keep].all()  # and nothing else
     assert mask[:, [0, 2]].all()  # other channels are untouched
-    assert out[:, 1].abs().max() < 10
+    assert feat[:, 1][mask[:, 1]].abs().max() < 10  # what is kept holds no outlier
 
 
 def test_outliers_tiny_maps_and_even_kernels():
@@ -118,15 +117,15 @@ def test_outliers_tiny_maps_and_even_kernels():
     feat[0, 0, 1, 1] = 1e4
     for opening, closing in [(5, 3), (4, 2), (2, 2), (6, 4), (1, 1)]:
         for size in (2, 4):
-            mask, _ = remove_outliers(feat[..., :size, :size], opening=opening, closing=closing)
+            mask = detect_outliers(feat[..., :size, :size], opening=opening, closing=closing)
             assert mask.shape == (2, 3, size, size)
-        mask, _ = remove_outliers(feat, opening=opening, closing=closing, down_f=4)
+        mask = detect_outliers(feat, opening=opening, closing=closing, down_f=4)
         assert mask.shape == feat.shape
     # with down_f = 8 both kernels are 1: a single-pixel outlier is masked and only it
-    mask, _ = remove_outliers(feat, down_f=8)
+    mask = detect_outliers(feat, down_f=8)
     assert not mask[0, 0, 1, 1] and mask.sum() == mask.numel() - 1
     # a constant map has std 0 and must not be masked whole
-    assert remove_outliers(torch.ones(1, 1, 4, 4))[0].all()
+    assert detect_outliers(torch.ones(1, 1, 4, 4)).all()
 
 
 def test_outlier_thresholds_equal_a_kthvalue_algorithm_1():
@@ -140,7 +139,7 @@ def test_outlier_thresholds_equal_a_kthvalue_algorithm_1():
         q1, q2 = flat.kthvalue(k1, -1).values[..., None, None], flat.kthvalue(k2, -1).values[..., None, None]
         m = 2 * flat.std(-1, correction=0)[..., None, None]
         expected = (q1 - m <= x) & (x <= q2 + m)
-        assert torch.equal(remove_outliers(x, down_f=1000)[0], expected)
+        assert torch.equal(detect_outliers(x, down_f=1000), expected)
         assert not expected[0, 1, 0, 0] or size == 2
 
 
@@ -155,8 +154,8 @@ def test_kth_smallest_equals_kthvalue():
                 assert torch.equal(kth_smallest(x, k), x.kthvalue(k, -1, keepdim=True).values), (N, k)
     x = torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last).flatten(-2)
     assert torch.equal(kth_smallest(x, 1003), x.kthvalue(1003, -1, keepdim=True).values)
-    mask = remove_outliers(x.unflatten(-1, (32, 32)), down_f=1000)[0]
-    assert torch.equal(mask, remove_outliers(x.unflatten(-1, (32, 32)).contiguous(), down_f=1000)[0])
+    mask = detect_outliers(x.unflatten(-1, (32, 32)), down_f=1000)
+    assert torch.equal(mask, detect_outliers(x.unflatten(-1, (32, 32)).contiguous(), down_f=1000))
 
 # ---------------------------------------------------------------- Eq. 2: decoder features
 @pytest.mark.parametrize("kw", [{}, dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
@@ -591,7 +590,7 @@ def test_outlier_mask_is_used_in_the_loss():
     f[0, 0, 4:8, 4:8] = 1e3  # an outlier patch in the target only
     rho = lpl.outlier_mask(f)  # from the target's features
     assert not rho[0, 0, 4:8, 4:8].any() and rho[0, 1:].all()
-    assert torch.equal(rho, remove_outliers(f)[0])
+    assert torch.equal(rho, detect_outliers(f))
     assert layer_distance(f, fh, rho)[0, 0] < 10  # without the mask it would be ~1e5
     assert layer_distance(f, fh, torch.ones_like(rho))[0, 0] > 1e3
 
