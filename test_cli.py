@@ -29,7 +29,7 @@ import protocol
 import sample
 import train
 import train_vae
-from test_lpl import tiny_vae, write_pngs
+from conftest import tiny_vae, write_pngs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lpl
-from test_lpl import tiny_vae
+from conftest import tiny_vae
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PARAMS = st.sampled_from(["eps", "v", "flow", "x0", "", "EPS"])

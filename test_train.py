@@ -1,0 +1,543 @@
+"""train.py and sample.py: each paradigm trained and sampled, work never lost (resume, atomic and
+finite checkpoints, refusals), post-training, bad input as one line, two torchrun ranks."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fid
+import sample
+import train
+from conftest import _ColourMeans, load, one_line_error, read_log, run_cli, train_args, write_pngs
+
+
+# ---------------------------------------------------------------- train.py and sample.py end to end
+@pytest.mark.parametrize("paradigm", ["eps", "v", "flow"])
+def test_train_each_paradigm_with_lpl_then_sample(assets, tmp_path, paradigm):
+    run = tmp_path / paradigm
+    train.main(train_args(assets, run, "--paradigm", paradigm, "--steps", "3", "--loss", "lpl", "--lpl-weight", "3",
+                          "--lpl-tau", "100", "--sample-every", "3"))
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["loss_lpl"]) and r["loss_lpl"] > 0 and r["lpl_frac"] > 0 for r in log)
+    for r in log:  # the share of w·L_LPL in the total loss, as the paper's rule for w_LPL counts it
+        assert r["lpl_share"] == pytest.approx(3 * r["loss_lpl"] / (r["loss_diff"] + 3 * r["loss_lpl"]))
+    assert (run / "ckpt.pt").exists() and (run / "samples-0000003.png").exists()
+    assert not (run / ".lock").exists()
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["step"] == 3 and ckpt["args"]["paradigm"] == paradigm and "ema" in ckpt and "opt" in ckpt
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(out), "--steps", "2"])
+    assert Image.open(out).size == (8 * 18 + 2, 3 * 18 + 2)  # 3 classes x 8, 16 px + 2 px padding
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out-dir", str(tmp_path / "pngs"), "--n", "5",
+                 "--steps", "2", "--classes", "1"])
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+
+
+# ---------------------------------------------------------------- classifier-free guidance training
+def test_labels_dropped_once_per_sample_in_every_block():
+    """diffusers' DiT drops labels independently in each block's embedding (13 draws for DiT-S/2);
+    here a sample must be conditional in every block or unconditional in every block, and the null
+    class must come only from the trainer's single draw."""
+    model = train.build_model(dict(train.MODELS["DiT-T/2"], in_channels=4, out_channels=4, sample_size=8,
+                                   num_embeds_ada_norm=10)).train()
+    seen = []
+    tables = [m.embedding_table for m in model.modules() if isinstance(m, train_embedding_class())]
+    assert len(tables) == 2 and all(t.num_embeddings == 11 for t in tables)  # the null row is kept
+    for t in tables:
+        t.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    torch.manual_seed(0)
+    y = train.drop_labels(torch.randint(0, 10, (4000,)), 10, 0.1)
+    assert 0.08 < (y == 10).float().mean() < 0.12
+    for _ in range(3):
+        seen.clear()
+        model(torch.randn(4000, 4, 8, 8), timestep=torch.full((4000,), 500), class_labels=y)
+        assert len(seen) == 3  # two blocks and the final layer
+        assert all(torch.equal(s, y) for s in seen)
+    assert torch.equal(train.drop_labels(y, 10, 0.0), y)
+
+
+def train_embedding_class():
+    from diffusers.models.embeddings import LabelEmbedding
+    return LabelEmbedding
+
+
+# ---------------------------------------------------------------- work is never lost
+def test_resume_continues_exactly(assets, tmp_path):
+    lpl = ["--loss", "lpl", "--lpl-tau", "20", "--ckpt-every", "2"]
+    train.main(train_args(assets, tmp_path / "full", "--steps", "4", *lpl))
+    train.main(train_args(assets, tmp_path / "cut", "--steps", "2", *lpl))
+    assert load(tmp_path / "cut" / "ckpt.pt")["step"] == 2
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:  # rows a killed run wrote after its checkpoint
+        f.write(json.dumps(dict(step=3, loss_diff=9.0, loss_lpl=9.0)) + "\n")
+    train.main(["--resume", str(tmp_path / "cut"), "--steps", "4", "--log-every", "1"])
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert any(r["loss_lpl"] > 0 for r in full[2:])  # LPL is active after the resume
+    for a, b in zip(full, cut):
+        assert (a["loss_diff"], a["loss_lpl"]) == (b["loss_diff"], b["loss_lpl"])
+    assert load(tmp_path / "cut" / "ckpt.pt")["step"] == 4
+
+
+def test_resume_writes_into_the_directory_it_is_given(assets, tmp_path, monkeypatch):
+    """A copy of a run resumes into the copy; a run made with a relative --run-dir resumes in place."""
+    monkeypatch.chdir(tmp_path)
+    train.main(train_args(assets, "orig", "--steps", "2", "--ckpt-every", "1"))  # relative --run-dir
+    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+    monkeypatch.chdir(assets)  # elsewhere
+    train.main(["--resume", str(tmp_path / "copy"), "--steps", "4"])
+    assert load(tmp_path / "copy" / "ckpt.pt")["step"] == 4
+    assert load(tmp_path / "orig" / "ckpt.pt")["step"] == 2  # the original is untouched
+    assert not (assets / "orig").exists()
+    train.main(["--resume", str(tmp_path / "orig"), "--steps", "3"])
+    assert load(tmp_path / "orig" / "ckpt.pt")["step"] == 3
+
+
+def test_resume_refuses_changed_settings_and_accepts_safe_ones(assets, tmp_path):
+    run = tmp_path / "r"
+    train.main(train_args(assets, run, "--steps", "2"))
+    msg = one_line_error(train.main, ["--resume", str(run), "--steps", "4", "--lr", "1e-5", "--loss", "lpl"])
+    assert "--loss, --lr would change them" in msg and "--init-from" in msg
+    one_line_error(train.main, ["--resume", str(run), "--steps", "2"])  # already there
+    assert load(run / "ckpt.pt")["step"] == 2
+    # the run's own command again, plus --resume and safe overrides, is fine
+    train.main(train_args(assets, run, "--steps", "3", "--resume", str(run), "--log-every", "5"))
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["step"] == 3 and ckpt["args"]["log_every"] == 5 and ckpt["args"]["lr"] == 1e-4
+
+
+def test_fresh_run_never_overwrites_a_run(assets, tmp_path):
+    train.main(train_args(assets, tmp_path / "r", "--steps", "1"))
+    assert "already holds a run" in one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "1"))
+    assert load(tmp_path / "r" / "ckpt.pt")["step"] == 1
+
+
+def test_non_finite_weights_are_never_saved(assets, tmp_path, monkeypatch):
+    """A finite loss can still give non-finite weights (7e28 did): the checkpoint must keep the last
+    finite state, and the message must say which."""
+    step = torch.optim.AdamW.step
+    calls = [0]
+
+    def poisoned(self, *a, **k):
+        out = step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "5", "--ckpt-every", "1"))
+    assert "not finite at step 3" in msg and "checkpoint of step 2 is kept" in msg
+    ckpt = load(tmp_path / "r" / "ckpt.pt")
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_nan_loss_stops_before_the_update(assets, tmp_path, monkeypatch):
+    calls, mse = [], F.mse_loss
+
+    def diverging(*a, **k):  # the loss turns NaN at the fourth step (--lr is bounded now, so no 1e20)
+        calls.append(1)
+        return mse(*a, **k) * (float("nan") if len(calls) >= 4 else 1.0)
+    monkeypatch.setattr(train.F, "mse_loss", diverging)
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "nan", "--steps", "20", "--ckpt-every", "1"))
+    assert "not finite" in msg
+    ckpt = load(tmp_path / "nan" / "ckpt.pt")  # readable, not half-written, and finite
+    assert ckpt["step"] >= 1 and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert not (tmp_path / "nan" / "ckpt.pt.tmp").exists()
+
+
+def test_interrupt_keeps_the_checkpoint_and_says_how_to_resume(assets, tmp_path, monkeypatch):
+    step = torch.optim.AdamW.step
+    calls = [0]
+
+    def interrupted(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "5", "--ckpt-every", "1"))
+    assert "interrupted" in msg and "(2 steps)" in msg and "--resume" in msg
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_second_run_on_a_directory_is_refused(assets, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    lock = train.lock_run_dir(str(run))  # a run in progress
+    try:
+        assert "another train.py" in one_line_error(train.main, train_args(assets, run, "--steps", "1"))
+        assert (run / ".lock").exists()  # the other run's lock is left alone
+    finally:
+        lock.close()
+
+
+def test_failed_run_leaves_no_empty_directory(assets, tmp_path):
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "1", "--batch-size", "1000"))
+    assert "fewer than --batch-size" in msg and not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- post-training
+def test_init_from_starts_a_new_run_from_weights(assets, tmp_path, capsys):
+    pre = load(assets / "runs" / "pre" / "ckpt.pt")
+    train.main(train_args(assets, tmp_path / "post", "--steps", "1", "--init-from",
+                          str(assets / "runs" / "pre" / "ckpt.pt"), "--loss", "lpl", "--lpl-tau", "100"))
+    post = load(tmp_path / "post" / "ckpt.pt")
+    assert post["step"] == 1 and post["args"]["init_from"]
+    moved = [not torch.equal(pre["model"][k], post["model"][k]) for k in pre["model"]]
+    assert any(moved)
+    fresh = train.build_model(pre["model_config"]).state_dict()
+    k = "transformer_blocks.0.attn1.to_q.weight"  # post-training started from pre's weights, not afresh
+    assert (post["model"][k] - pre["model"][k]).abs().max() < (post["model"][k] - fresh[k]).abs().max()
+    # EMA warm-up: the first step's decay is 1/10, so the EMA mostly follows this run, not pre's EMA
+    for k in pre["ema"]:
+        torch.testing.assert_close(post["ema"][k], 0.1 * pre["ema"][k] + 0.9 * post["model"][k])
+    # the grid names both step counts: the post-training's own and the pre-training's before it
+    sample.main(["--ckpt", str(tmp_path / "post" / "ckpt.pt"), "--out", str(tmp_path / "g.png"), "--steps", "1"])
+    assert f"at step 1 after {pre['step']} of pre-training" in capsys.readouterr().out
+
+
+def test_default_lpl_weight_gives_lpl_a_fifth_of_the_loss(assets, tmp_path):
+    """The one-fifth rule (Section 4.3): without --lpl-weight, w_LPL is measured on the starting model
+    so that w·L_LPL / (L_Diff + w·L_LPL) = 1/5. With a learning rate too small to move the model, the
+    share over the run's own (other) batches must come out near 1/5; the weight is in the checkpoint."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    run = tmp_path / "auto"
+    train.main(train_args(assets, run, "--init-from", pre, "--loss", "lpl", "--lpl-tau", "1000", "--lr", "1e-12",
+                          "--steps", "40", "--log-every", "40", "--lpl-calibration-batches", "40"))
+    w = load(run / "ckpt.pt")["args"]["lpl_weight"]
+    (row,) = read_log(run)
+    assert row["lpl_weight"] == w > 0
+    assert abs(row["lpl_share"] - 0.2) < 0.03, row  # 1/4 or 1/2 (a rule written wrong) would fail
+
+
+def test_lpl_weight_calibration_leaves_the_run_as_with_that_weight_given(assets, tmp_path):
+    """The calibration batches are drawn from their own generator: a run with the measured weight
+    given explicitly trains on the same batches, times and noise, and so logs the same losses."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    common = ("--init-from", pre, "--loss", "lpl", "--lpl-tau", "100", "--steps", "3")
+    train.main(train_args(assets, tmp_path / "auto", *common))
+    w = load(tmp_path / "auto" / "ckpt.pt")["args"]["lpl_weight"]
+    train.main(train_args(assets, tmp_path / "given", *common, "--lpl-weight", repr(w)))
+    for a, b in zip(read_log(tmp_path / "auto"), read_log(tmp_path / "given"), strict=True):
+        assert a["loss_diff"] == b["loss_diff"] and a["loss_lpl"] == b["loss_lpl"]
+
+
+def test_init_from_checks_what_the_checkpoint_was_trained_on(assets, tmp_path):
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    other = tmp_path / "two-classes"
+    write_pngs(other, classes=("a", "b"))
+    cases = {
+        "latents (4, 8, 8)": ["--vae", str(assets / "vae8")],  # (another --image-size is a post-training at
+        # that resolution now: test_post_training_at_a_higher_resolution_carries_every_weight_and_scales_tau)
+        "trained on 3 classes": ["--data", str(other)],
+        "does not match": ["--model", "DiT-S/2"],
+    }
+    for expected, extra in cases.items():
+        assert expected in one_line_error(train.main, train_args(assets, tmp_path / "r", "--init-from", pre, *extra))
+    train.main(train_args(assets, tmp_path / "ok", "--init-from", pre, "--steps", "1", "--model", "DiT-T/2"))
+    # data, VAE and image size default to the pre-training's (the defaults would be CIFAR-10 and the SD VAE)
+    train.main(["--init-from", pre, "--run-dir", str(tmp_path / "short"), "--steps", "1", "--batch-size", "8",
+                "--sample-every", "1000"])
+    args = load(tmp_path / "short" / "ckpt.pt")["args"]
+    assert (args["data"], args["vae"], args["image_size"]) == (str(assets / "data"), str(assets / "vae"), 16)
+
+
+# ---------------------------------------------------------------- bad input: one line, before the work
+def test_bad_input_is_one_line(assets, tmp_path):
+    bad = tmp_path / "bad"
+    write_pngs(bad, classes=("a", "b"), per_class=2)
+    (bad / "a" / "broken.png").write_bytes((bad / "a" / "0.png").read_bytes()[:60])  # truncated
+    notimg = tmp_path / "notimg"
+    write_pngs(notimg, classes=("a",), per_class=2)
+    (notimg / "a" / "x.png").write_text("hello")
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(npz / "train_data_batch_1.npz", data=np.zeros((4, 100), np.uint8), labels=np.ones(4))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "junk.pt").write_bytes(b"")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    from diffusers import UNet2DModel  # a diffusers model, but no autoencoder
+    UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1, sample_size=8,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "unet")
+    (tmp_path / "notrun").mkdir()
+    torch.save({"weights": 1}, tmp_path / "notrun" / "ckpt.pt")
+    r = str(tmp_path / "run")
+    cases = {
+        "broken.png": ["--data", str(bad)],
+        "x.png": ["--data", str(notimg)],
+        "train_data_batch_1.npz is not an ImageNet": ["--data", str(npz)],
+        "argument --image-size: '0' is not an integer >= 1": ["--image-size", "0"],
+        "argument --image-size: '-16' is not an integer >= 1": ["--image-size", "-16"],
+        "must be a multiple of 4": ["--image-size", "2"],  # f2 VAE x patch 2
+        "argument --batch-size: '0' is not an integer >= 1": ["--batch-size", "0"],
+        "argument --lr: '-1' is not a finite number > 0": ["--lr", "-1"],
+        "argument --lr: 'nan' is not a finite number": ["--lr", "nan"],
+        "argument --lpl-tau: 'nan' is not a finite number": ["--lpl-tau", "nan"],
+        "argument --lpl-tau: '0' is not a finite number > 0": ["--lpl-tau", "0"],
+        "argument --sp-layer: '0' is not an integer >= 1": ["--loss", "self-perceptual", "--init-from", str(assets / "runs" / "pre"),
+                                    "--sp-layer", "0"],
+        "argument --lr: '-1e-4' is not a finite number > 0": ["--lr", "-1e-4"],  # argparse reads -1e-4 as a number
+        "num_blocks must be in 1..3": ["--loss", "lpl", "--lpl-blocks", "9"],
+        "argument --log-every: '0' is not an integer >= 1": ["--log-every", "0"],
+        "argument --ckpt-every: '0' is not an integer >= 1": ["--ckpt-every", "0"],
+        "argument --steps: '0' is not an integer >= 1": ["--steps", "0"],
+        "argument --steps: '-3' is not an integer >= 1": ["--steps", "-3"],
+        "argument --lpl-weight: '-1' is not a finite number > 0": ["--lpl-weight", "-1"],
+        "argument --lpl-weight: 'nan' is not a finite number": ["--lpl-weight", "nan"],
+        "argument --ema-decay: '1.5' is not a finite number >= 0 and <= 1": ["--ema-decay", "1.5"],
+        "argument --device: 'tpu9' is not a device": ["--device", "tpu9"],
+        "cannot be written": ["--run-dir", str(tmp_path / "file" / "run")],
+        "is missing, not an existing folder or 'cifar10'": ["--data", str(tmp_path / "nope")],
+        "no images": ["--data", str(assets / "empty")],
+        "is missing, not an existing folder or a Hugging Face id": ["--vae", str(tmp_path / "no-vae")],
+        "cannot load the VAE": ["--vae", str(assets / "empty")],
+        "is a UNet2DModel; the trainer takes the autoencoders lpl.py supports": ["--vae", str(tmp_path / "unet")],
+        "corrupted or not a train.py checkpoint": ["--init-from", str(tmp_path / "junk.pt")],
+        "is not a train.py checkpoint (no 'args'": ["--init-from", str(tmp_path / "other.pt")],
+    }
+    if not torch.cuda.is_available():
+        cases["0 CUDA device(s) are visible"] = ["--device", "cuda"]
+    if not torch.backends.mps.is_available():
+        cases["MPS is not available"] = ["--device", "mps"]
+    for expected, extra in cases.items():
+        argv = train_args(assets, r, "--steps", "1", *extra)
+        if "--run-dir" in extra:
+            argv = train_args(assets, extra[1], "--steps", "1")
+        assert expected in one_line_error(train.main, argv), expected
+        assert not os.path.exists(r), expected  # nothing left behind
+    assert "is not a train.py checkpoint" in one_line_error(train.main, ["--resume", str(tmp_path / "notrun")])
+
+
+def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
+    ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
+    nan = load(ckpt)
+    nan["ema"] = {k: torch.full_like(v, float("nan")) for k, v in nan["ema"].items()}
+    torch.save(nan, tmp_path / "nan.pt")
+    (tmp_path / "dir.png").mkdir()
+    cases = {
+        "argument --n: '0' is not an integer >= 1": ["--n", "0"],
+        "argument --n: '-2' is not an integer >= 1": ["--n", "-2"],
+        "argument --batch-size: '0' is not an integer >= 1": ["--batch-size", "0"],
+        "argument --steps: '0' is not an integer >= 1": ["--steps", "0"],
+        "argument --cfg: 'nan' is not a finite number": ["--cfg", "nan"],
+        "does not exist": ["--out", str(tmp_path / "missing" / "grid.png")],
+        "does not end in .png": ["--out", str(tmp_path / "grid")],
+        "is a folder, not a file name": ["--out", str(tmp_path / "dir.png")],  # an existing folder
+        "8 latent channels": ["--vae", str(assets / "vae8")],
+        "--classes must be in 0..2": ["--classes", "3"],
+        "argument --per-class: '0' is not an integer >= 1": ["--per-class", "0"],
+    }
+    for expected, extra in cases.items():
+        assert expected in one_line_error(sample.main, ["--ckpt", ckpt, *extra]), expected
+    assert "non-finite weights" in one_line_error(sample.main, ["--ckpt", str(tmp_path / "nan.pt")])
+    # FID's inputs are checked before any sampling: nothing is written
+    net = tmp_path / "net.pt"
+    torch.jit.script(_ColourMeans()).save(str(net))
+    metrics_inception = fid.inception_path
+    fid.inception_path = lambda: str(net)
+    try:
+        write_pngs(tmp_path / "big", classes=("a",), per_class=2, size=32)
+        np.savez(tmp_path / "wrong-dim.npz", mu=np.zeros(5), sigma=np.eye(5))
+        np.savez(tmp_path / "no-sigma.npz", mu=np.zeros(3))
+        (tmp_path / "used").mkdir()
+        (tmp_path / "used" / "000000.png").write_bytes(b"old")
+        out = str(tmp_path / "s")
+        fid_cases = {
+            "the samples 16x16": ["--fid-ref", str(tmp_path / "big")],
+            "holds statistics of 5-d features, the FID network gives 3-d": ["--fid-ref", str(tmp_path / "wrong-dim.npz")],
+            "is not an FID statistics file": ["--fid-ref", str(tmp_path / "no-sigma.npz")],
+            "holds no images": ["--fid-ref", str(assets / "empty")],
+            "--fid needs --n >= 2": ["--n", "1", "--fid-ref", str(assets / "data")],
+        }
+        for expected, extra in fid_cases.items():
+            assert expected in one_line_error(sample.main, ["--ckpt", ckpt, "--fid", "--out-dir", out, *extra]), expected
+            assert not os.path.exists(out), expected
+        msg = one_line_error(sample.main, ["--ckpt", ckpt, "--out-dir", str(tmp_path / "used"), "--n", "2"])
+        assert "is not empty" in msg and os.listdir(tmp_path / "used") == ["000000.png"]  # never mixed, never lost
+    finally:
+        fid.inception_path = metrics_inception
+
+
+    huge = load(ckpt)  # finite weights whose output overflows (--cfg is bounded now, so no 1e30 guidance)
+    huge["ema"] = {k: v * 1e30 if k.startswith("proj_out") else v for k, v in huge["ema"].items()}
+    torch.save(huge, tmp_path / "huge.pt")
+    assert "non-finite latents" in one_line_error(sample.main, ["--ckpt", str(tmp_path / "huge.pt"), "--steps", "2",
+                                                               "--out", str(tmp_path / "h.png")])
+
+
+def test_grid_has_a_row_per_class_and_is_reproducible(assets, tmp_path):
+    """--per-class K: one row of K per class; the noise comes from --seed alone, so grids of two
+    models (baseline, LPL) with one seed start from the same noise, image by image."""
+    ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "g.png"), "--per-class", "3", "--steps", "2"])
+    assert Image.open(tmp_path / "g.png").size == (3 * 18 + 2, 3 * 18 + 2)  # 16 px images, 2 px padding
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "h.png"), "--per-class", "3", "--steps", "2"])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "h.png")))
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "l.png"), "--per-class", "3", "--steps", "2", "--label-rows"])
+    labelled = np.asarray(Image.open(tmp_path / "l.png"))
+    w = labelled.shape[1] - (3 * 18 + 2)  # a column of names ("cat", "dog", "ship") left of the same grid
+    assert w > 0 and np.array_equal(labelled[:, w:], np.asarray(Image.open(tmp_path / "g.png")))
+    assert (labelled[:, :w] < 128).any() and (labelled[:, :w] == 255).mean() > 0.5  # dark text on white
+
+
+def test_help_shows_every_default(capsys):
+    """Every option of the three scripts has help text that ends with its default."""
+    import re
+
+    import bench
+    for get_args in (train.get_args, sample.get_args, bench.get_args):
+        with pytest.raises(SystemExit):
+            get_args(["--help"])
+        out = capsys.readouterr().out
+        blocks = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]  # one per option
+        assert len(blocks) > 5
+        for block in blocks:
+            assert block.startswith("-h") or "default" in block.lower() or "(required)" in block, block
+
+
+@pytest.mark.parametrize("case", ["missing data", "corrupted ckpt", "bad type"])
+def test_cli_errors_are_one_line(assets, tmp_path, case):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    argv = {
+        "missing data": ["train.py", *train_args(assets, tmp_path / "r", "--data", str(tmp_path / "nope"))],
+        "corrupted ckpt": ["sample.py", "--ckpt", str(tmp_path / "bad.pt")],
+        "bad type": ["train.py", "--batch-size", "many"],
+    }[case]
+    r = run_cli(*argv)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ================================================================ torchrun: DistributedDataParallel on CPU (gloo)
+def torchrun(args, nproc=2):
+    """train.py under torchrun, as a user runs it; returns the finished process."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_two_ranks_equal_one_rank_and_resume_exactly(assets, tmp_path):
+    """2 ranks x 4 samples follow 1 rank x 8 sample for sample (loss after N steps and weights, to
+    float tolerance, LPL's batch expectation included); resume under 2 ranks is exact; rank 0 alone
+    writes."""
+    extra = ("--steps", "3", "--loss", "lpl", "--lpl-tau", "2", "--device", "cpu", "--ckpt-every", "1")
+    train.main(train_args(assets, tmp_path / "one", *extra))
+    p = torchrun(train_args(assets, tmp_path / "two", *extra))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 ranks x 4 samples" in p.stdout and p.stdout.count("done: 3 steps") == 1
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert any(0 < r["lpl_frac"] < 1 for r in one)  # some samples under τ, not all: the ranks select differently
+    for a, b in zip(one, two):
+        for k in ("loss_diff", "loss_lpl", "lpl_frac", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    w1, w2 = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt")
+    for k in w1["model"]:
+        torch.testing.assert_close(w2["model"][k], w1["model"][k], rtol=1e-5, atol=1e-6)
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "log.jsonl", "samples-0000003.png"]
+    # stopped after 2 steps and resumed under 2 ranks = the uninterrupted 2-rank run
+    p = torchrun(train_args(assets, tmp_path / "res", *extra[:-2], "--steps", "2"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = torchrun(["--resume", str(tmp_path / "res"), "--steps", "3"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    keys = ("step", "loss_diff", "loss_lpl", "lpl_frac", "grad_norm", "ema_decay")
+    assert [[r[k] for k in keys] for r in read_log(tmp_path / "res")] == [[r[k] for k in keys] for r in two]
+    w3 = load(tmp_path / "res" / "ckpt.pt")
+    assert all(torch.equal(w3["model"][k], w2["model"][k]) for k in w2["model"])
+    # a global batch the ranks cannot share is refused before any work, in one line from rank 0
+    p = torchrun(train_args(assets, tmp_path / "odd", "--batch-size", "7", "--device", "cpu"))
+    assert p.returncode != 0 and "error: --batch-size 7 (the global batch) must be a multiple of the 2 ranks" in p.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+def test_fail_on_a_rank_other_than_0_waits_for_rank_0_to_say_why(monkeypatch, capsys):
+    """torchrun stops every rank once one exits: a rank that left at once could cut rank 0 off before
+    it printed the error (seen in CI). Rank 0 exits with the message; the others wait, then exit 1."""
+    import cli
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(cli, "RANK", 1)
+    with pytest.raises(SystemExit) as e:
+        cli.fail("--batch-size 7 is bad")
+    assert e.value.code == 1 and waits and waits[0] >= 10
+    monkeypatch.setattr(cli, "RANK", 0)
+    waits.clear()
+    with pytest.raises(SystemExit) as e:
+        cli.fail("--batch-size 7 is bad")
+    assert e.value.code == "error: --batch-size 7 is bad" and not waits
+
+
+def test_resume_from_another_folder_trains_on_its_own_data_or_refuses(assets, tmp_path, monkeypatch):
+    """Paths given relative to where a run started are stored absolute, so --resume from any folder
+    finds the same data, VAE and latent cache; data that changed since is refused, never trained on."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    shutil.copytree(assets / "data", start / "data")
+    shutil.copytree(assets / "vae", start / "vae")
+    write_pngs(elsewhere / "data", classes=("x", "y", "z"), seed=7)  # other images under the same relative name
+    monkeypatch.chdir(start)
+    common = ["--data", "data", "--vae", "vae", "--image-size", "16", "--model", "DiT-T/2", "--batch-size", "8",
+              "--sample-every", "1000", "--log-every", "1", "--loss", "lpl", "--lpl-tau", "20"]
+    train.main([*common, "--run-dir", "runs/full", "--steps", "3"])  # uninterrupted, for comparison
+    train.main([*common, "--run-dir", "runs/r", "--steps", "1"])
+    saved = load(start / "runs" / "r" / "ckpt.pt")["args"]
+    assert saved["data"] == str(start / "data") and saved["vae"] == str(start / "vae")
+    monkeypatch.chdir(elsewhere)
+    train.main(["--resume", str(start / "runs" / "r"), "--steps", "3"])
+    assert len(list((start / "runs").glob("latents-*.pt"))) == 1  # the run's own latents, not new ones
+    assert not list(elsewhere.rglob("*.pt"))  # nothing written where it was resumed from
+    assert read_log(start / "runs" / "r") == [{**row, "s_per_step": r["s_per_step"]} for row, r in
+                                              zip(read_log(start / "runs" / "full"), read_log(start / "runs" / "r"))]
+    resumed, full = load(start / "runs" / "r" / "ckpt.pt"), load(start / "runs" / "full" / "ckpt.pt")
+    assert resumed["step"] == 3 and all(torch.equal(resumed["model"][k], full["model"][k]) for k in full["model"])
+    write_pngs(start / "data", classes=("cat",), per_class=1, seed=9)  # the data changed since (a date alone would not)
+    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "4"])
+    assert "are not those" in msg and "resumes only on its own data" in msg
+    shutil.rmtree(start / "vae")
+    msg = one_line_error(train.main, ["--resume", str(start / "runs" / "r"), "--steps", "4"])
+    assert "does not exist" in msg and "--vae" in msg and load(start / "runs" / "r" / "ckpt.pt")["step"] == 3
+
+
+def test_init_from_is_checked_before_the_work(assets, tmp_path):
+    pre = assets / "runs" / "pre"
+    bad = load(pre / "ckpt.pt")
+    bad["model"] = {k: v * float("inf") if v.is_floating_point() else v for k, v in bad["model"].items()}
+    torch.save(bad, tmp_path / "inf.pt")
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--init-from", str(tmp_path / "inf.pt")))
+    assert "non-finite model weights" in msg and not (tmp_path / "r").exists()
+    train.main(train_args(assets, tmp_path / "r", "--init-from", str(pre), "--steps", "1"))  # a run directory
+    assert load(tmp_path / "r" / "ckpt.pt")["args"]["init_from"] == str(pre / "ckpt.pt")
+
+
+def test_post_training_at_a_higher_resolution_carries_every_weight_and_scales_tau(assets, tmp_path, monkeypatch):
+    """--init-from with a larger --image-size (the paper's 256 -> 512 px post-training): the model is
+    built at the new latent width, every learned weight comes over (one step at lr 1e-4 moves none by
+    more than ~lr), τ scales by the new width / 64, and the checkpoint samples at the new size."""
+    pre = load(assets / "runs" / "pre" / "ckpt.pt")
+    scales = []
+    real_mask = train.lpl_mask
+    monkeypatch.setattr(train, "lpl_mask", lambda a, s, tau, r: scales.append(r) or real_mask(a, s, tau, r))
+    run = tmp_path / "big"
+    train.main(["--init-from", str(assets / "runs" / "pre" / "ckpt.pt"), "--image-size", "32", "--steps", "1",
+                "--loss", "lpl", "--lpl-weight", "1", "--run-dir", str(run), "--batch-size", "8", "--sample-every", "1000"])
+    ck = load(run / "ckpt.pt")
+    assert tuple(ck["latent_shape"]) == (4, 16, 16) and ck["model_config"]["sample_size"] == 16
+    assert tuple(pre["latent_shape"]) == (4, 8, 8)
+    assert ck["model"].keys() == pre["model"].keys()
+    for k, v in pre["model"].items():
+        assert (ck["model"][k] - v).abs().max() <= 2e-4, k  # carried over, then one small step
+    assert scales and set(scales) == {16 / 64}
+    sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "g.png"), "--per-class", "1", "--steps", "2"])
+    assert Image.open(tmp_path / "g.png").size == (1 * 34 + 2, 3 * 34 + 2)  # 32 px images, one per class
+    msg = one_line_error(train.main, ["--init-from", str(assets / "runs" / "pre" / "ckpt.pt"), "--vae",
+                                      str(assets / "vae8"), "--run-dir", str(tmp_path / "c8"), "--steps", "1"])
+    assert "use the same VAE" in msg
