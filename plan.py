@@ -31,7 +31,7 @@ SCHEMA = {
                 "arms={arm: [train.py args]}, seeds=[training seeds], baseline=arm, score_base=bool, "
                 "inflation=bool: metrics.py inflation of every checkpoint)"),
     "score": (dict, "dict(n=samples, steps=sampler steps, cfg=guidance, seed=sampling seed, "
-              "spectrum_n=reference images for the spectrum error)"),
+              "spectrum_n=images of the samples and of the training set for the spectrum error, <= n)"),
     "figures": (bool, "the spectrum and same-noise difference figures of seed 0's arms"),
     "bench": (list, "bench.py's arguments: a first stage that times the loss (empty: none)"),
     "threads": (int, "CPU threads per job (default: cores / --jobs)"),
@@ -113,6 +113,9 @@ def load_protocol(path):
                             f"score sets {', '.join(SCORE_KEYS)}")
     if cfg["score"]["n"] < 2 or cfg["score"]["steps"] < 1 or cfg["score"]["spectrum_n"] < 1:
         raise ProtocolError(f"{path}: score needs n >= 2, steps >= 1 and spectrum_n >= 1, got {cfg['score']!r}")
+    if cfg["score"]["spectrum_n"] > cfg["score"]["n"]:  # metrics.py spectrum draws N of each folder
+        raise ProtocolError(f"{path}: score's spectrum_n ({cfg['score']['spectrum_n']}) images are drawn from the "
+                            f"samples too, of which there are n = {cfg['score']['n']}: make spectrum_n <= n")
     if "threads" in cfg and cfg["threads"] < 1:
         raise ProtocolError(f"{path}: threads must be >= 1, got {cfg['threads']}")
     if not cfg["studies"]:
@@ -199,6 +202,19 @@ class Stage:
         self.key = None
 
 
+INFLATION_N = 512  # test images metrics.py inflation draws for each checkpoint
+
+
+def data_needs(cfg):
+    """{split: (images, what)}: how many images of the data folder's train/ and test/ the stages draw,
+    so that a data folder too small for them is refused before any work."""
+    needs = {"train": (max(cfg["reference"]["n"], cfg["score"]["spectrum_n"]),
+                       "the FID reference's n and score's spectrum_n")}
+    if any(st["inflation"] for st in cfg["studies"].values()):
+        needs["test"] = (INFLATION_N, "metrics.py inflation of each checkpoint")
+    return needs
+
+
 def build_stages(cfg):
     """The protocol's stages, in the order they are run when nothing else is ready."""
     S, sc = [], cfg["score"]
@@ -244,7 +260,7 @@ def build_stages(cfg):
         """σ(ϕ̂)/σ(ϕ) and ẑ0/z0 of one checkpoint on LPL's samples: the same images, t and noise for
         every run of the protocol (metrics.py inflation is seeded)."""
         return Stage(f"{run}/inflation", "inflation", [["metrics.py", "inflation", test_data, f"{{work}}/{run}/ckpt.pt",
-                                                        "--n", "512"]], deps=[run], capture=f"{run}/inflation.txt", units=0)
+                                                        "--n", str(INFLATION_N)]], deps=[run], capture=f"{run}/inflation.txt", units=0)
 
     def figures(study, st, seed):
         """Seed `seed`'s arms from the same noise (grids, and the first two arms' amplified difference)

@@ -42,8 +42,8 @@ import sys
 import time
 
 from cli import DEVICE, HelpFormatter, Int, Parser, Path, fail
-from plan import (HERE, Paths, ProtocolError, artifact_hash, build_stages, copy_atomic, host, load_protocol, read_json,
-                  train_progress, vae_step, write_atomic)
+from plan import (HERE, Paths, ProtocolError, artifact_hash, build_stages, copy_atomic, data_needs, host, load_protocol,
+                  read_json, train_progress, vae_step, write_atomic)
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -490,6 +490,13 @@ def main(argv=None):
         return
     if data and not os.path.isdir(os.path.join(data, "train")):
         fail(f"the data folder {data}/train does not exist: {cfg.get('data_hint') or 'give --data FOLDER'}")
+    if data:  # every image count a stage will ask of the data, checked now rather than hours in
+        from fid import image_files
+        for split, (n, what) in data_needs(cfg).items():
+            have = len(image_files(os.path.join(data, split)))
+            if have < n:
+                fail(f"{data}/{split} holds {have} images, and {args.protocol} draws {n} of them ({what}): "
+                     f"give a larger --data folder or lower those numbers in the protocol file")
     for d in (work, results):
         try:
             os.makedirs(d, exist_ok=True)

@@ -153,6 +153,7 @@ BAD = {
     "a baseline that is no arm": "studies['eps']['baseline'] = 'ema'",
     "seeds named twice": "studies['eps']['seeds'] = [0, 0]",
     "a bad score": "score = dict(n=1, steps=5, cfg=1.5, seed=0, spectrum_n=4)",
+    "a spectrum of more images than the samples": "score = dict(n=8, steps=5, cfg=1.5, seed=0, spectrum_n=24)",
     "a score key missing": "score = dict(n=8)",
     "an unknown study key": "studies['eps']['seed'] = [0]",
     "Python that fails": "raise RuntimeError('oops')",
@@ -168,6 +169,24 @@ def test_bad_protocol_files_are_one_line_before_any_work(tmp_path, case):
     bad.write_text(text)
     msg = one_line_failure(drive(tmp_path, str(bad)))
     assert "bad.py" in msg, msg
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_data_folder_too_small_for_the_protocol_is_one_line_before_any_work(tmp_path, split):
+    """Each count of images a stage draws from the data (the FID reference, the spectrum, inflation's
+    test images) is checked against the folder before the first stage, not when that stage comes."""
+    from conftest import tiny_vae, write_pngs
+    write_pngs(tmp_path / "data/train", per_class=8)  # 24 images
+    write_pngs(tmp_path / "data/test", per_class=2)  # 6 images
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    needs = {"train": "reference = dict(n=25)", "test": "studies['eps']['inflation'] = True"}[split]
+    text = open(os.path.join(HERE, "protocols/smoke.py")).read()
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"{text}\ndata = {str(tmp_path / 'data')!r}\nautoencoder = {str(tmp_path / 'vae')!r}\n"
+                   f"reference = dict(n=24)\n{needs}\n")
+    msg = one_line_failure(drive(tmp_path, str(bad)))
+    assert f"data/{split} holds {24 if split == 'train' else 6} images" in msg, msg
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 

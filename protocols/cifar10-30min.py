@@ -22,7 +22,7 @@ studies = dict(
                    "lpl-grad": ["--loss", "lpl", "--no-lpl-detach-sigma"]},
              seeds=[0], baseline="l2", inflation=True),
 )
-score = dict(n=128, steps=25, cfg=1.5, seed=0, spectrum_n=500)
+score = dict(n=128, steps=25, cfg=1.5, seed=0, spectrum_n=128)
 figures = True
 # Seconds per unit as measured for cifar10-cpu (2 cores of an AMD EPYC VM), until this machine has its own.
 timings = {"vae_step": 0.94, "ref_image": 0.52, "score_sample": 0.6,
