@@ -22,7 +22,7 @@ latents in the diffusion model's scale:
     alpha_t, sigma_t = alpha_sigma_from_alphas_cumprod(scheduler.alphas_cumprod, t)   # or _from_flow_time
     loss = loss_diff + w_lpl * lpl.batch_loss(out, z_t, z0, alpha_t, sigma_t, "eps")  # or "v", "flow"
 
-batch_loss is lpl_mask (δ), z0_from_prediction (ẑ0) and lpl(ẑ0[m], z0[m]).sum() / B, each public.
+batch_loss is m = lpl_mask (δ), ẑ0 = z0_from_prediction of the m samples, lpl(ẑ0, z0[m]).sum() / B.
 """
 import functools
 import math
@@ -259,7 +259,7 @@ def latent_scale(vae):
     the diffusion model's scale and back, maps of (B, C, h, w) tensors, exact inverses of each other:
     (z − m) · k per channel, as each pipeline applies it, with m = latents_mean and k = scaling_factor
     (1 if unset) / latents_std where the config has them (Qwen-Image, Wan, Playground v2.5), else m =
-    shift_factor, k = scaling_factor (SD: no shift; SD3, FLUX.1, TAESD; DC-AE, VQ-GAN: no shift).
+    shift_factor, k = scaling_factor (SD 1/2, DC-AE, VQ-GAN: shift 0; SD3, FLUX.1, TAESD: both).
     FLUX.2 standardises with a BatchNorm's running statistics over the 2x2-patchified latent; latents
     here keep encode's unpatchified shape, so (c, y, x) uses patch channel (c, y mod p, x mod q)."""
     family, cfg = _family(vae), getattr(vae, "config", None)
