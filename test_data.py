@@ -143,6 +143,31 @@ def test_train_vae_writes_a_usable_autoencoder_with_measured_metrics(assets, tmp
     train.main(train_args(assets, tmp_path / "run", "--vae", str(out), "--steps", "1", "--loss", "lpl"))
 
 
+
+def test_train_vae_by_default_keeps_a_short_run_resumable(assets, tmp_path, monkeypatch):
+    """A kill loses at most a tenth of a run when --ckpt-every is not given (it was a fixed 500, so
+    a 400-step stage kept nothing until its end); long runs still save every 500 steps."""
+    import train_vae
+    argv = ["--data", str(assets / "data"), "--test-data", str(assets / "data"), "--image-size", "16"]
+    assert [train_vae.get_args([*argv, "--out", "o", "--steps", str(n)]).ckpt_every
+            for n in (3, 20, 400, 3000, 100000)] == [1, 2, 40, 300, 500]
+
+    class Killed(Exception):
+        pass
+
+    class KillAtStep7(train_vae.tqdm):  # the bar is updated once per optimizer step
+        def update(self, n=1):
+            super().update(n)
+            if self.n == 7:
+                raise Killed
+    monkeypatch.setattr(train_vae, "tqdm", KillAtStep7)
+    out = tmp_path / "vae"
+    argv += ["--out", str(out), "--batch-size", "2", "--warmup", "1", "--steps", "20"]
+    with pytest.raises(Killed):
+        train_vae.main(argv)
+    assert torch.load(out / "train-state.pt", weights_only=False)["step"] == 6
+
+
 def test_toy_dataset_makes_the_offline_quick_start(tmp_path):
     import data
     data.main(["toy", str(tmp_path / "toy"), "--per-class", "4"])

@@ -39,10 +39,14 @@ def get_args(argv=None):
     a("--warmup", type=Int(0), default=100, help="linear warm-up steps, then cosine decay to 0")
     a("--kl-weight", type=Float(0, 1), default=1e-6, help="weight of the KL term (per-image sum) against the L1 loss")
     a("--seed", type=SEED, default=0, help="seeds the initialisation, batches, flips and posterior samples")
-    a("--ckpt-every", type=Int(1), default=500, help="steps per training-state checkpoint in --out")
+    a("--ckpt-every", type=Int(1), default=None,
+      help="steps per training-state checkpoint in --out; default: min(500, steps / 10), so a short run "
+           "is resumable (and its progress visible) before it ends")
     a("--resume", action="store_true", help="continue from --out/train-state.pt")
     a("--device", default=None, type=DEVICE, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
+    if args.ckpt_every is None:
+        args.ckpt_every = max(1, min(500, args.steps // 10))
     for name in ("image_size", "steps", "batch_size", "ckpt_every"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
