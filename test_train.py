@@ -167,6 +167,23 @@ def test_interrupt_keeps_the_checkpoint_and_says_how_to_resume(assets, tmp_path,
     assert not (tmp_path / "r" / ".lock").exists()
 
 
+
+def test_a_run_without_ckpt_every_loses_at_most_a_tenth_of_itself(assets, tmp_path, monkeypatch):
+    """--ckpt-every's default follows --steps (min(5000, steps / 10)): at a fixed 5000 a 2,000-step
+    post-training run kept nothing until its end."""
+    step = torch.optim.AdamW.step
+    calls = [0]
+
+    def interrupted(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "20"))
+    assert "(6 steps)" in msg and load(tmp_path / "r" / "ckpt.pt")["args"]["ckpt_every"] is None
+
+
 def test_second_run_on_a_directory_is_refused(assets, tmp_path):
     run = tmp_path / "r"
     run.mkdir()

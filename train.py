@@ -118,7 +118,8 @@ def build_parser():
       "runs train in fp32")
     a("--log-every", type=Int(1), default=100, help="steps per log.jsonl row, each the mean over those steps "
       "(a 200-step run gets two rows: lower it for short runs)")
-    a("--ckpt-every", type=Int(1), default=5000, help="steps per checkpoint (and one at the end)")
+    a("--ckpt-every", type=Int(1), default=None, help="steps per checkpoint (and one at the end); default: "
+      "min(5000, steps / 10), so a kill loses at most a tenth of a short run")
     a("--sample-every", type=Int(1), default=5000, help="steps per sample grid (and one at the end)")
     a("--num-workers", type=Int(0, 256), default=0, help="data loader workers for the one-time encoding")
     return p
@@ -544,6 +545,7 @@ class Run:
         if self.resume is not None and RANK == 0:
             truncate_log(self.log_path, self.step)
         log = open(self.log_path, "a" if self.resume is not None else "w") if RANK == 0 else None
+        ckpt_every = args.ckpt_every or max(1, min(5000, args.steps // 10))  # (None: of this run's --steps)
         bar = tqdm(total=args.steps, initial=self.step, desc="train", **({"disable": True} if RANK else {}))  # (TQDM_DISABLE=1 works)
         new_acc = lambda: dict(diff=0.0, aux=0.0, frac=0.0, gnorm=0.0, n=0, **dict.fromkeys(self.extra_names, 0.0))  # noqa: E731
         acc, t0 = new_acc(), time.time()
@@ -566,7 +568,7 @@ class Run:
                 if log is not None:
                     self.write_log(log, acc, decay, time.time() - t0)
                 acc, t0 = new_acc(), time.time()
-            if self.step % args.ckpt_every == 0 or self.step == args.steps:
+            if self.step % ckpt_every == 0 or self.step == args.steps:
                 if self.step == args.steps and RANK == 0:
                     tqdm.write(f"saving the checkpoint of step {self.step} to {self.ckpt_path}")
                 self.save()
