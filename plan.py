@@ -306,7 +306,8 @@ def build_stages(cfg):
             runs = [f"{{results}}/{study}/{arm}-s{seed}" for arm in st["arms"] for seed in st["seeds"]]
             add(Stage(f"{study}/table", "table", [["metrics.py", "table", *runs, "--baseline", st["baseline"],
                                                    "--plot", "{out}/seeds.png"]],
-                      deps=[f"{study}/{a}-s{s}/score" for a in st["arms"] for s in st["seeds"]],
+                      deps=[f"{study}/{a}-s{s}/{x}" for a in st["arms"] for s in st["seeds"]  # all it reads
+                            for x in ("score", "inflation")[:1 + st["inflation"]]],
                       capture=f"{study}/table.md", units=0, outputs=study))
     names = [s.name for s in S]
     assert len(names) == len(set(names)), names

@@ -241,6 +241,44 @@ def test_stage_keys_follow_commands_not_paths():
     assert a["eps/table"] != b["eps/table"]
 
 
+
+def _writes_and_reads(stage):
+    """The paths a stage writes (its artifact, captured stdout, kept files, figures) and the
+    {work}/{results} paths its commands name but do not write, as placeholder templates."""
+    writes = {p for p in (stage.artifact, stage.scratch) if p}
+    writes |= {f"{{results}}/{c}" for c in [stage.capture] if c} | {f"{{results}}/{d}" for _, d in stage.keeps}
+    args = [a for cmd in stage.cmds for a in cmd if a.startswith(("{work}", "{results}"))]
+    if stage.outputs is not None:  # what goes to {out} lands in results/OUTPUTS/ when the stage succeeds
+        writes |= {f"{{results}}/{stage.outputs}{a[len(stage.scratch):]}" for a in args if a.startswith(stage.scratch)}
+    inside = lambda path, paths: any(path == w or path.startswith(w + "/") for w in paths)  # noqa: E731
+    return writes, {a for a in args if not inside(a, writes)}
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(HERE, "protocols"))))
+def test_every_stage_depends_on_the_stages_whose_files_it_reads(name):
+    """A stage that reads a file another stage writes must wait for it: the table read the runs'
+    folders while their inflation.txt could still be unwritten (its deps were the scores alone).
+    Checked for every pair of stages of every protocol file, through the dependencies' closure."""
+    stages = plan.build_stages(plan.load_protocol(os.path.join(HERE, "protocols", name)))
+    by_name = {s.name: s for s in stages}
+
+    def closure(s, seen):
+        for d in s.deps:
+            if d not in seen:
+                seen.add(d), closure(by_name[d], seen)
+        return seen
+    io = {s.name: _writes_and_reads(s) for s in stages}
+    missing = []
+    for t in stages:
+        needs = closure(t, set())
+        for s in stages:
+            overlap = [r for r in io[t.name][1] for w in io[s.name][0]
+                       if r == w or w.startswith(r + "/") or r.startswith(w + "/")]
+            if s is not t and overlap and s.name not in needs:
+                missing.append(f"{t.name} reads {overlap[0]} without waiting for {s.name}")
+    assert not missing, missing
+
+
 def test_schedule_projects_jobs_side_by_side():
     S = plan.Stage
     stages = [S("a", "x", []), S("b", "x", []), S("c", "x", [], deps=["a"]), S("d", "x", [], deps=["a", "b"])]
