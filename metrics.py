@@ -82,13 +82,14 @@ def run_start(ckpt_path):
         return 0
 
 
-def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
+def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0, refine=None):
     """How much larger a trained model's clean-latent estimates are than z0 where LPL acts
     (σ_t/α_t ≤ τ, at training's time distribution): (slope, feature ratio). slope: the regression
     of ẑ0 on z0, Σ ẑ0·z0 / Σ z0·z0. feature ratio: σ(ϕ̂)/σ(ϕ), each decoder feature map's spatial
     std, the geometric mean over samples, channels and layers; the gradient through σ̂ rewards
     raising it (README, Differences). An estimate near the conditional mean shrinks towards the
-    mean where z0 is uncertain, so both sit below 1: compare models on one z0, y, t and noise."""
+    mean where z0 is uncertain, so both sit below 1: compare models on one z0, y, t and noise.
+    refine(ẑ0, t) -> the estimate to measure instead (a Cas-DM run: ϕ's x'0, on which its LPL acts)."""
     from lpl import lpl_mask, z0_from_prediction
     from model import ddpm_scheduler, sample_t
     n = len(z0)
@@ -105,6 +106,8 @@ def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0):
         z_t = a * z0 + s * eps
         out = model(z_t, timestep=t_model, class_labels=y).sample.float()
         z0_hat = z0_from_prediction(out, z_t, alpha, sigma, paradigm)  # (n, C, h, w)
+        if refine is not None:
+            z0_hat = refine(z0_hat, t_model)  # (n, C, h, w)
         slope = float((z0_hat * z0).sum() / (z0 * z0).sum())
         log_ratio = [(fh.std((2, 3)) / f.std((2, 3)).clamp_min(1e-12)).log().mean()  # per layer: (B, C) -> ()
                      for f, fh in zip(lpl.features(z0), lpl.features(z0_hat))]
@@ -396,9 +399,15 @@ def main(argv=None):
             model.load_state_dict(ck["ema"])
             a = ck["args"]
             res_scale = z0.shape[-1] / 64  # τ is given at 64x64 latents, as train.py scales it
-            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], res_scale, args.seed)
-            print(f"ẑ0 / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
-                  f"({len(z0)} samples under τ {a['lpl_tau']:g})")
+            refine = None
+            if "cas" in ck:  # Cas-DM: its LPL acts on, and its sampler steps with, ϕ's x'0 (EMA, as sampled)
+                from comparisons import CasDM
+                from model import ddpm_scheduler
+                cas = CasDM.from_state(ck["cas"], tuple(ck["latent_shape"]), a["paradigm"], ddpm_scheduler(a["paradigm"]))
+                refine = lambda z0_hat, t: cas.refine(z0_hat, t, ema=True)[0]  # noqa: E731
+            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], res_scale, args.seed, refine)
+            print(f"{'x′0' if refine else 'ẑ0'} / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
+                  f"({len(z0)} samples under τ {a['lpl_tau']:g}{', Cas-DM: ϕ(ẑ0)' if refine else ''})")
         return
     if args.metric == "table":
         arms, unscored = read_runs(args.runs)

@@ -220,3 +220,29 @@ def test_cas_dm_post_trains_resumes_samples_and_refuses_what_it_cannot_do(assets
     train.main(train_args(assets, flow, "--paradigm", "flow", "--steps", "1"))
     assert "use a --paradigm eps or v model" in one_line_error(train.main, train_args(
         assets, tmp_path / "x", "--loss", "cas-dm", "--init-from", str(flow / "ckpt.pt")))
+
+
+
+def test_inflation_of_a_cas_dm_run_measures_phis_x0_prime(assets, tmp_path, capsys):
+    """Cas-DM's LPL acts on, and its sampler steps with, ϕ's x'0, not the DiT's ẑ0: metrics.py
+    inflation measures x'0 (ϕ's EMA, as sampled). With ϕ's output zero, x'0 = ẑ0: the DiT's numbers."""
+    import metrics
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    run = tmp_path / "cas"
+    train.main(train_args(assets, run, "--loss", "cas-dm", "--init-from", pre, "--steps", "1", "--lpl-tau", "100",
+                          "--cas-width", "8"))
+    ck = load(run / "ckpt.pt")
+    out = ck["cas"]["ema"]
+    zero, shifted, plain = (dict(ck, cas=dict(ck["cas"], ema=dict(out))) for _ in range(3))
+    zero["cas"]["ema"]["conv_out.weight"] = torch.zeros_like(out["conv_out.weight"])
+    zero["cas"]["ema"]["conv_out.bias"] = torch.zeros_like(out["conv_out.bias"])
+    shifted["cas"]["ema"]["conv_out.weight"] = zero["cas"]["ema"]["conv_out.weight"]
+    shifted["cas"]["ema"]["conv_out.bias"] = torch.full_like(out["conv_out.bias"], 0.5)
+    del plain["cas"]
+    for name, c in (("zero", zero), ("shifted", shifted), ("plain", plain)):
+        torch.save(c, tmp_path / f"{name}.pt")
+    capsys.readouterr()
+    metrics.main(["inflation", str(assets / "data"), *(str(tmp_path / f"{n}.pt") for n in ("zero", "shifted", "plain")),
+                  "--n", "5"])
+    zero, shifted, plain = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert zero.replace("x′0", "ẑ0") == plain and zero.startswith("x′0") and shifted != zero

@@ -2,7 +2,8 @@
 # autoencoder (train_vae.py's recipe: f4, 8x8x4 latents), DiT-XS/2, batch 128.
 #   eps: a base model of 4,000 steps at lr 3e-4, then 2,000 post-training steps (lr 1e-4, EMA 0.999)
 #        of five arms: l2, LPL with σ̂ constant (the default), LPL with σ̂ differentiated, and Cas-DM
-#        with LPL as its metric and without a metric (comparisons.CasDM).
+#        with LPL as its metric and without a metric (comparisons.CasDM); each checkpoint's σ(ϕ̂)/σ(ϕ)
+#        on 512 test images (metrics.py inflation; for Cas-DM, of ϕ's x'0).
 #   v, flow: base models of 1,500 steps, 600 post-training steps, l2 and LPL (σ̂ constant).
 # Each arm at training seeds 0, 1, 2 (runs of one seed share batches, t and noise); w_LPL by the
 # one-fifth rule. Scored alike: 2,000 samples, 25 DDIM / Euler steps, guidance 1.5, sampling seed 0,
@@ -30,7 +31,7 @@ studies = dict(
                    "lpl-grad": ["--loss", "lpl", "--no-lpl-detach-sigma"],
                    # Cas-DM (An et al.): LPL on a second network's x0, none of its gradient in the DiT
                    "cas-lpl": ["--loss", "cas-dm"], "cas-none": ["--loss", "cas-dm", "--cas-metric", "none"]},
-             seeds=[0, 1, 2], baseline="l2", score_base=True),
+             seeds=[0, 1, 2], baseline="l2", score_base=True, inflation=True),
 )
 score = dict(n=2000, steps=25, cfg=1.5, seed=0, spectrum_n=2000)
 figures = True
