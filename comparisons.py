@@ -57,12 +57,12 @@ class SelfPerceptual:
             hook.remove()
         return out[0]  # (B, tokens, width)
 
-    def draw(self, n, device):
+    def draw(self, n, device, generator=None):
         """t' for n samples: (α', σ', the time the model sees)."""
         if self.paradigm == "flow":  # t' ~ U(0, 1)
-            t2 = torch.rand(n, device=device)
+            t2 = torch.rand(n, generator=generator).to(device)
             return 1 - t2, t2, t2 * 1000
-        t2 = torch.randint(0, 1000, (n,), device=device)  # t' ~ U{0, ..., 999}
+        t2 = torch.randint(0, 1000, (n,), generator=generator).to(device)  # t' ~ U{0, ..., 999}
         abar = self.scheduler.alphas_cumprod.to(device)[t2]
         return abar.sqrt(), (1 - abar).sqrt(), t2
 

@@ -246,3 +246,46 @@ def test_inflation_of_a_cas_dm_run_measures_phis_x0_prime(assets, tmp_path, caps
                   "--n", "5"])
     zero, shifted, plain = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
     assert zero.replace("x′0", "ẑ0") == plain and zero.startswith("x′0") and shifted != zero
+
+
+
+LOSS_ARGS = {"l2": [], "lpl": ["--lpl-tau", "100"], "rgb": ["--lpl-tau", "100"], "self-perceptual": ["--sp-layer", "1"],
+             "cas-dm": ["--lpl-tau", "100", "--cas-width", "8"]}
+
+
+@pytest.mark.parametrize("loss", [x for x in train.LOSSES if x != "l2"])
+def test_every_arm_at_a_seed_draws_l2s_batches_times_noise_and_label_drops(assets, tmp_path, monkeypatch, loss):
+    """Runs of one --seed are paired (the Results' "same seed" columns): whatever else an arm builds
+    or draws (Cas-DM's ϕ initialised, Self-Perceptual's t'), its steps see the l2 arm's z0, y, t and ε.
+    ϕ's init drew from the run's stream and shifted every t and ε of the Cas-DM arms."""
+    assert set(LOSS_ARGS) == set(train.LOSSES)
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    seen = {}
+    draw = train.Run.draw
+
+    def recorded(self, step, gen=None):
+        out = draw(self, step, gen)
+        if gen is None:
+            seen.setdefault(self.args.loss, []).append([v.clone() for v in out[:6]])
+        return out
+    monkeypatch.setattr(train.Run, "draw", recorded)
+    for name in ("l2", loss):
+        train.main(train_args(assets, tmp_path / name, "--init-from", pre, "--steps", "3", "--seed", "1", "--loss", name,
+                              "--label-dropout", "0.5", *LOSS_ARGS[name]))
+    assert len(seen["l2"]) == len(seen[loss]) == 3
+    for a, b in zip(seen["l2"], seen[loss]):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_cas_dm_trains_its_dit_exactly_as_l2_does(assets, tmp_path):
+    """Cas-DM's θ learns from L^ε alone (Eq. 14): from one --init-from and --seed, its DiT after k
+    steps is the l2 arm's bit for bit, ϕ's losses and metric included. So the two arms differ only by
+    ϕ's mixing at sampling, and nothing of ϕ's gradient, optimizer or RNG use leaks into θ."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    for name, extra in (("l2", ["--loss", "l2"]), ("cas", ["--loss", "cas-dm", "--lpl-tau", "100", "--cas-width", "8"])):
+        train.main(train_args(assets, tmp_path / name, "--init-from", pre, "--steps", "3", "--seed", "1", *extra))
+    l2, cas = load(tmp_path / "l2" / "ckpt.pt"), load(tmp_path / "cas" / "ckpt.pt")
+    assert [r["loss_diff"] for r in read_log(tmp_path / "cas")] == [r["loss_diff"] for r in read_log(tmp_path / "l2")]
+    for k in ("model", "ema"):
+        assert all(torch.equal(cas[k][p], l2[k][p]) for p in l2[k]), k
+    assert any(not torch.equal(cas["cas"]["phi"][p], v) for p, v in cas["cas"]["ema"].items())  # while ϕ learns

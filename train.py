@@ -341,8 +341,10 @@ class Run:
         self.sched = None if args.paradigm == "flow" else ddpm_scheduler(args.paradigm)
         self.cas = None  # Cas-DM's ϕ: new on --init-from, restored on --resume; one optimizer for θ and ϕ
         if args.loss == "cas-dm":
-            self.cas = (CasDM.from_state(resume["cas"], latent_shape, args.paradigm, self.sched) if resume is not None
-                        else CasDM(latent_shape, args.paradigm, self.sched, width=args.cas_width)).to(device)
+            with torch.random.fork_rng(devices=[]):  # ϕ's init from a stream of its own: the run's t, ε and labels stay l2's
+                torch.manual_seed(args.seed)
+                self.cas = (CasDM.from_state(resume["cas"], latent_shape, args.paradigm, self.sched) if resume is not None
+                            else CasDM(latent_shape, args.paradigm, self.sched, width=args.cas_width)).to(device)
         self.opt = torch.optim.AdamW([*self.model.parameters(), *(self.cas.phi.parameters() if self.cas else [])],
                                      lr=args.lr, weight_decay=0)
         self.step, self.last_ckpt = 0, None
@@ -394,7 +396,10 @@ class Run:
             y = drop_labels(y, self.num_classes, args.label_dropout)
             alpha, sigma, t_model = sample_t(args.paradigm, len(z0), device, self.sched)
             eps = torch.randn_like(z0)
-            t2 = self.sp.draw(len(z0), device) if self.sp is not None else ()  # Self-Perceptual's t'
+            t2 = ()
+            if self.sp is not None:  # Self-Perceptual's t', from a stream of its own (the run's t and ε stay l2's)
+                own = gen if gen is not None else torch.Generator().manual_seed((args.seed << 32) + step)
+                t2 = self.sp.draw(len(z0), device, own)
         if WORLD > 1:  # this rank's slice of the global batch
             k = len(z0) // WORLD
             z0, y, alpha, sigma, t_model, eps, *t2 = (v[RANK * k:(RANK + 1) * k]
