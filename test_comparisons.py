@@ -253,8 +253,14 @@ LOSS_ARGS = {"l2": [], "lpl": ["--lpl-tau", "100"], "rgb": ["--lpl-tau", "100"],
              "cas-dm": ["--lpl-tau", "100", "--cas-width", "8"]}
 
 
-@pytest.mark.parametrize("loss", [x for x in train.LOSSES if x != "l2"])
-def test_every_arm_at_a_seed_draws_l2s_batches_times_noise_and_label_drops(assets, tmp_path, monkeypatch, loss):
+ARMS = [["--loss", x, *LOSS_ARGS[x]] for x in train.LOSSES if x != "l2"] + [
+    ["--loss", "cas-dm", "--cas-metric", "none"], ["--reweight", "min-snr"],  # and the LPL ablations
+    ["--loss", "lpl", "--lpl-tau", "100", "--no-lpl-detach-sigma", "--lpl-normalization", "separate",
+     "--lpl-layer-weights", "uniform", "--lpl-no-outliers", "--lpl-blocks", "1", "--lpl-grad-checkpointing"]]
+
+
+@pytest.mark.parametrize("arm", ARMS, ids=lambda a: " ".join(a[:4]))
+def test_every_arm_at_a_seed_draws_l2s_batches_times_noise_and_label_drops(assets, tmp_path, monkeypatch, arm):
     """Runs of one --seed are paired (the Results' "same seed" columns): whatever else an arm builds
     or draws (Cas-DM's ϕ initialised, Self-Perceptual's t'), its steps see the l2 arm's z0, y, t and ε.
     ϕ's init drew from the run's stream and shifted every t and ε of the Cas-DM arms."""
@@ -266,14 +272,15 @@ def test_every_arm_at_a_seed_draws_l2s_batches_times_noise_and_label_drops(asset
     def recorded(self, step, gen=None):
         out = draw(self, step, gen)
         if gen is None:
-            seen.setdefault(self.args.loss, []).append([v.clone() for v in out[:6]])
+            seen.setdefault(self.args.run_dir, []).append([v.clone() for v in out[:6]])
         return out
     monkeypatch.setattr(train.Run, "draw", recorded)
-    for name in ("l2", loss):
-        train.main(train_args(assets, tmp_path / name, "--init-from", pre, "--steps", "3", "--seed", "1", "--loss", name,
-                              "--label-dropout", "0.5", *LOSS_ARGS[name]))
-    assert len(seen["l2"]) == len(seen[loss]) == 3
-    for a, b in zip(seen["l2"], seen[loss]):
+    for name, extra in (("l2", []), ("arm", arm)):
+        train.main(train_args(assets, tmp_path / name, "--init-from", pre, "--steps", "3", "--seed", "1",
+                              "--label-dropout", "0.5", *extra))
+    l2, other = seen[str(tmp_path / "l2")], seen[str(tmp_path / "arm")]
+    assert len(l2) == len(other) == 3
+    for a, b in zip(l2, other):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
