@@ -400,7 +400,7 @@ def main(argv=None):
             a = ck["args"]
             res_scale = z0.shape[-1] / 64  # τ is given at 64x64 latents, as train.py scales it
             refine = None
-            if "cas" in ck:  # Cas-DM: its LPL acts on, and its sampler steps with, ϕ's x'0 (EMA, as sampled)
+            if "cas" in ck:  # Cas-DM: its LPL acts on ϕ's x'0 (the EMA, which samples)
                 from comparisons import CasDM
                 from model import ddpm_scheduler
                 cas = CasDM.from_state(ck["cas"], tuple(ck["latent_shape"]), a["paradigm"], ddpm_scheduler(a["paradigm"]))

@@ -224,8 +224,8 @@ def test_cas_dm_post_trains_resumes_samples_and_refuses_what_it_cannot_do(assets
 
 
 def test_inflation_of_a_cas_dm_run_measures_phis_x0_prime(assets, tmp_path, capsys):
-    """Cas-DM's LPL acts on, and its sampler steps with, ϕ's x'0, not the DiT's ẑ0: metrics.py
-    inflation measures x'0 (ϕ's EMA, as sampled). With ϕ's output zero, x'0 = ẑ0: the DiT's numbers."""
+    """Cas-DM's LPL acts on ϕ's x'0, not the DiT's ẑ0 (its sampler mixes the two by r_t), so
+    metrics.py inflation measures x'0 (ϕ's EMA, which samples). With ϕ's output zero, x'0 = ẑ0."""
     import metrics
     pre = str(assets / "runs" / "pre" / "ckpt.pt")
     run = tmp_path / "cas"
