@@ -399,15 +399,20 @@ def main(argv=None):
             model.load_state_dict(ck["ema"])
             a = ck["args"]
             res_scale = z0.shape[-1] / 64  # τ is given at 64x64 latents, as train.py scales it
-            refine = None
+            cas, r_t = None, []
             if "cas" in ck:  # Cas-DM: its LPL acts on ϕ's x'0 (the EMA, which samples)
                 from comparisons import CasDM
                 from model import ddpm_scheduler
                 cas = CasDM.from_state(ck["cas"], tuple(ck["latent_shape"]), a["paradigm"], ddpm_scheduler(a["paradigm"]))
-                refine = lambda z0_hat, t: cas.refine(z0_hat, t, ema=True)[0]  # noqa: E731
-            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], res_scale, args.seed, refine)
-            print(f"{'x′0' if refine else 'ẑ0'} / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
-                  f"({len(z0)} samples under τ {a['lpl_tau']:g}{', Cas-DM: ϕ(ẑ0)' if refine else ''})")
+
+            def refine(z0_hat, t):  # and r_t, the weight Eq. 11 gives x'0's step (sampling's, under τ)
+                x0_prime, r = cas.refine(z0_hat, t, ema=True)
+                r_t.append(r.mean().item())
+                return x0_prime
+            slope, ratio = inflation(model, a["paradigm"], lpl, z0, y, a["lpl_tau"], res_scale, args.seed,
+                                     refine if cas else None)
+            print(f"{'x′0' if cas else 'ẑ0'} / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
+                  f"({len(z0)} samples under τ {a['lpl_tau']:g}{f', Cas-DM: ϕ(ẑ0), mean r_t {r_t[0]:.4f}' if cas else ''})")
         return
     if args.metric == "table":
         arms, unscored = read_runs(args.runs)

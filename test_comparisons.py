@@ -244,8 +244,10 @@ def test_inflation_of_a_cas_dm_run_measures_phis_x0_prime(assets, tmp_path, caps
     capsys.readouterr()
     metrics.main(["inflation", str(assets / "data"), *(str(tmp_path / f"{n}.pt") for n in ("zero", "shifted", "plain")),
                   "--n", "5"])
-    zero, shifted, plain = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    zero, shifted, plain = [line.split("  ")[0] for line in lines]
     assert zero.replace("x′0", "ẑ0") == plain and zero.startswith("x′0") and shifted != zero
+    assert "mean r_t 0.5000" in lines[0] and f"mean r_t {torch.sigmoid(torch.tensor(0.5)).item():.4f}" in lines[1]
 
 
 
