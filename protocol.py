@@ -53,6 +53,7 @@ class Driver:
         self.stages = build_stages(cfg)
         self.by_name = {s.name: s for s in self.stages}
         self.host = host()
+        self.live = set()  # the stages running now (a killed score's samples are not progress)
 
     # -------------------------------------------------------------- what is done
     def record(self, stage):
@@ -154,7 +155,16 @@ class Driver:
         if stage.kind == "vae" and vae_step(self.paths.fill(stage.artifact)):
             step = vae_step(self.paths.fill(stage.artifact))
             return f"at step {step} of {stage.units}", stage.units - step
+        if stage.kind == "score" and stage.name in self.live and self.samples_written(stage):  # (a restart begins again)
+            k = self.samples_written(stage)
+            return f"at sample {k} of {stage.units}", stage.units - k
         return "to do", stage.units
+
+    def samples_written(self, stage):
+        """The PNGs a running score stage has written so far (sample.py writes each atomically)."""
+        with contextlib.suppress(OSError):
+            return sum(f.endswith(".png") and ".tmp-" not in f for f in os.listdir(self.paths.fill(stage.artifact)))
+        return 0
 
     def plan(self):
         need = self.needed()
@@ -341,6 +351,7 @@ class Driver:
                 break
             if time.time() - last_line > 300 and running:
                 last_line = time.time()
+                self.live = {j["stage"].name for j in running}
                 self.say(f"[{fmt_time(time.time() - t0)}] {finished}/{len(need)} finished; running: "
                          + ", ".join(self.progress(j) for j in running) + f"; {self.eta()}")
             time.sleep(0.5)
@@ -373,6 +384,8 @@ class Driver:
         if s.kind == "vae":
             step = vae_step(self.paths.fill(s.artifact))
             return f"{s.name} (step {step}/{s.units}, {fmt_time(time.time() - job['start'])})"
+        if s.kind == "score":
+            return f"{s.name} (sample {self.samples_written(s)}/{s.units}, {fmt_time(time.time() - job['start'])})"
         return f"{s.name} ({fmt_time(time.time() - job['start'])})"
 
     def manifest(self):

@@ -279,6 +279,25 @@ def test_every_stage_depends_on_the_stages_whose_files_it_reads(name):
     assert not missing, missing
 
 
+
+def test_a_running_score_shows_and_projects_from_the_samples_it_has_written(tmp_path):
+    """Scores are the slowest stages after training: the progress line counts their PNGs and the
+    projection counts only what is left; a killed score's leftovers are no progress (it restarts)."""
+    cfg = plan.load_protocol(os.path.join(HERE, "protocols/smoke.py"))
+    driver = protocol.Driver(cfg, plan.Paths(str(tmp_path / "runs"), str(tmp_path / "results"), None), 1,
+                             out=lambda *a: None)
+    stage = driver.by_name["eps/l2-s0/score"]
+    samples = tmp_path / "runs" / "samples" / "eps" / "l2-s0"
+    samples.mkdir(parents=True)
+    for i in range(5):
+        (samples / f"{i:06d}.png").write_bytes(b"")
+    (samples / "000005.tmp-123.png").write_bytes(b"")  # cli.atomic_path's name, a write under way
+    assert driver.state(stage) == ("to do", stage.units)  # not running: a restart removes them
+    driver.live = {stage.name}
+    assert driver.state(stage) == (f"at sample 5 of {stage.units}", stage.units - 5)
+    assert driver.progress(dict(stage=stage, start=time.time())).startswith(f"eps/l2-s0/score (sample 5/{stage.units}, ")
+
+
 def test_schedule_projects_jobs_side_by_side():
     S = plan.Stage
     stages = [S("a", "x", []), S("b", "x", []), S("c", "x", [], deps=["a"]), S("d", "x", [], deps=["a", "b"])]
