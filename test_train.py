@@ -152,34 +152,29 @@ def test_nan_loss_stops_before_the_update(assets, tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "ckpt.pt.tmp").exists()
 
 
-def test_interrupt_keeps_the_checkpoint_and_says_how_to_resume(assets, tmp_path, monkeypatch):
-    step = torch.optim.AdamW.step
-    calls = [0]
+def interrupt_at_step(monkeypatch, n):
+    """Ctrl-C during the n-th optimizer step (before it updates)."""
+    step, calls = torch.optim.AdamW.step, [0]
 
     def interrupted(self, *a, **k):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == n:
             raise KeyboardInterrupt
         return step(self, *a, **k)
     monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+
+
+def test_interrupt_keeps_the_checkpoint_and_says_how_to_resume(assets, tmp_path, monkeypatch):
+    interrupt_at_step(monkeypatch, 3)
     msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "5", "--ckpt-every", "1"))
     assert "interrupted" in msg and "(2 steps)" in msg and "--resume" in msg
     assert not (tmp_path / "r" / ".lock").exists()
 
 
-
 def test_a_run_without_ckpt_every_loses_at_most_a_tenth_of_itself(assets, tmp_path, monkeypatch):
     """--ckpt-every's default follows --steps (min(5000, steps / 10)): at a fixed 5000 a 2,000-step
     post-training run kept nothing until its end."""
-    step = torch.optim.AdamW.step
-    calls = [0]
-
-    def interrupted(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == 8:
-            raise KeyboardInterrupt
-        return step(self, *a, **k)
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    interrupt_at_step(monkeypatch, 8)
     msg = one_line_error(train.main, train_args(assets, tmp_path / "r", "--steps", "20"))
     assert "(6 steps)" in msg and load(tmp_path / "r" / "ckpt.pt")["args"]["ckpt_every"] is None
 
