@@ -2,6 +2,7 @@
 latent shape, random state), is written whole or not at all (data.atomic_save) and read back with a
 one-line error; a run folder is locked by the one train.py writing to it."""
 import fcntl
+import hashlib
 import json
 import os
 
@@ -28,6 +29,16 @@ def load_checkpoint(path):
 
 def all_finite(module):
     return bool(torch.stack([p.isfinite().all() for p in module.parameters()]).all())
+
+
+def weights_digest(*modules):
+    """A fingerprint of the modules' weights (names and values; not files, paths or dates)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in m.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def lock_run_dir(run_dir):

@@ -70,12 +70,19 @@ def sample_t(paradigm, n, device, scheduler=None):
     return abar.sqrt(), (1 - abar).sqrt(), t
 
 
+def draw_noise(n, latent_shape, generator=None):
+    """The sampler's starting latents, drawn on the CPU: the same samples on every device."""
+    return torch.randn(n, *latent_shape, generator=generator, device="cpu")
+
+
 @torch.inference_mode()
-def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None, cas=None, cas_ema=True):
-    """Latents for labels y: DDIM (eta 0) for eps and v, Euler from t = 1 to 0 for flow. With `cas`
-    (a Cas-DM run's ϕ), each DDIM step is mixed with the step from ϕ's x'0 (comparisons.cas_step)."""
+def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None, cas=None, cas_ema=True,
+             noise=None):
+    """Latents for labels y from `noise` (drawn from `generator` when not given): DDIM (eta 0) for eps
+    and v, Euler from t = 1 to 0 for flow. With `cas` (a Cas-DM run's ϕ), each DDIM step is mixed with
+    the step from ϕ's x'0 (comparisons.cas_step)."""
     dev = y.device
-    z = torch.randn(len(y), *latent_shape, generator=generator, device="cpu").to(dev)
+    z = (draw_noise(len(y), latent_shape, generator) if noise is None else noise).to(dev)
     y_in = torch.cat([y, torch.full_like(y, num_classes)])  # conditional, then the null class
 
     def D(z, t):  # classifier-free guidance (Ho & Salimans)

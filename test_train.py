@@ -37,7 +37,7 @@ def test_train_each_paradigm_with_lpl_then_sample(assets, tmp_path, paradigm):
     assert Image.open(out).size == (8 * 18 + 2, 3 * 18 + 2)  # 3 classes x 8, 16 px + 2 px padding
     sample.main(["--ckpt", str(run / "ckpt.pt"), "--out-dir", str(tmp_path / "pngs"), "--n", "5",
                  "--steps", "2", "--classes", "1"])
-    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [sample.MANIFEST, *(f"{i:06d}.png" for i in range(5))]
 
 
 # ---------------------------------------------------------------- classifier-free guidance training
@@ -382,6 +382,80 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
     torch.save(huge, tmp_path / "huge.pt")
     assert "non-finite latents" in one_line_error(sample.main, ["--ckpt", str(tmp_path / "huge.pt"), "--steps", "2",
                                                                "--out", str(tmp_path / "h.png")])
+
+
+def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(assets, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a batch, then --resume: the PNGs, the FID and the spectrum error are
+    those of one uninterrupted call, and only the batches not written whole are drawn again."""
+    ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
+    torch.jit.script(_ColourMeans()).save(str(tmp_path / "net.pt"))
+    monkeypatch.setattr(fid, "inception_path", lambda: str(tmp_path / "net.pt"))
+    args = ["--ckpt", ckpt, "--n", "7", "--batch-size", "2", "--steps", "2", "--fid", "--fid-ref", str(assets / "data")]
+    def scores(out):  # the FID and spectrum lines (the first call also says where it kept the reference's statistics)
+        return [line for line in out.splitlines() if line.startswith(("FID ", "spectrum error "))]
+    sample.main([*args, "--out-dir", str(tmp_path / "whole")])
+    whole = scores(capsys.readouterr().out)
+    assert len(whole) == 2
+
+    out = tmp_path / "cut"
+    save, calls = sample.save_image, [0]
+
+    def cut(*a, **k):  # Ctrl-C while writing the 4th sample: batch 0 whole, batch 1 half written
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return save(*a, **k)
+    monkeypatch.setattr(sample, "save_image", cut)
+    assert "--resume" in one_line_error(sample.main, [*args, "--out-dir", str(out)])
+    monkeypatch.setattr(sample, "save_image", save)
+    assert sorted(os.listdir(out)) == [sample.MANIFEST, "000000.png", "000001.png", "000002.png"]
+    msg = one_line_error(sample.main, [*args, "--out-dir", str(out)])  # without --resume: never mixed
+    assert "is not empty" in msg and "--resume" in msg
+
+    generate, drawn = sample.generate, []
+    monkeypatch.setattr(sample, "generate", lambda model, paradigm, y, *a, **k: drawn.append(len(y)) or generate(
+        model, paradigm, y, *a, **k))
+    capsys.readouterr()
+    sample.main([*args, "--out-dir", str(out), "--resume"])
+    assert scores(capsys.readouterr().out) == whole
+    assert drawn == [2, 2, 1]  # batches 1-3 (samples 2-6), not batch 0
+    for i in range(7):
+        assert (out / f"{i:06d}.png").read_bytes() == (tmp_path / "whole" / f"{i:06d}.png").read_bytes(), i
+    drawn.clear()
+    sample.main([*args, "--out-dir", str(out), "--resume"])  # a finished folder: scored again, nothing drawn
+    assert drawn == [] and scores(capsys.readouterr().out) == whole
+    sample.main([*args[:-3], "--out-dir", str(tmp_path / "new"), "--resume"])  # a new folder: a plain call
+    assert len(drawn) == 4 and len(os.listdir(tmp_path / "new")) == 8
+
+
+def test_resume_refuses_samples_drawn_with_any_other_setting(assets, tmp_path):
+    """Every setting the samples depend on (the manifest's keys) is checked: one of them changed, the
+    folder would mix two calls' samples. The test covers each key the manifest records."""
+    ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
+    other = load(ckpt)
+    other["ema"] = {k: v + 1e-3 for k, v in other["ema"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    base = {"--ckpt": ckpt, "--n": "3", "--batch-size": "2", "--steps": "1", "--cfg": "1.5", "--seed": "0",
+            "--classes": "0"}
+    out = tmp_path / "s"
+
+    def call(**changed):
+        return [a for k, v in {**base, **changed}.items() for a in (k, v)] + ["--out-dir", str(out), "--resume"]
+    sample.main(call())
+    (out / "000002.png").unlink()
+    changes = {"weights": {"--ckpt": str(tmp_path / "other.pt")}, "n": {"--n": "4"}, "classes": {"--classes": "1"},
+               "steps": {"--steps": "2"}, "cfg": {"--cfg": "2"}, "seed": {"--seed": "1"},
+               "batch_size": {"--batch-size": "3"}}
+    manifest = json.loads((out / sample.MANIFEST).read_text())
+    assert set(manifest) == set(changes) | {"device"}  # (one device here: cpu)
+    for key, change in changes.items():
+        msg = one_line_error(sample.main, call(**change))
+        assert f"drawn with other settings ({key} " in msg, msg
+    assert sorted(os.listdir(out)) == [sample.MANIFEST, "000000.png", "000001.png"]  # refused before any work
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "000000.png").write_bytes(b"old")
+    assert f"no readable {sample.MANIFEST}" in one_line_error(sample.main, call()[:-3] + ["--out-dir", str(tmp_path / "foreign"), "--resume"])
+    assert "--resume continues the samples of an --out-dir" in one_line_error(sample.main, ["--ckpt", ckpt, "--resume"])
 
 
 def test_grid_has_a_row_per_class_and_is_reproducible(assets, tmp_path):
