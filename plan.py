@@ -185,7 +185,7 @@ class Stage:
     runs/) and what it keeps (small files under results/)."""
 
     def __init__(self, name, kind, cmds, deps=(), artifact=None, keeps=(), units=1, rate=None, capture=None,
-                 train_dir=None, steps=None, scratch=None, outputs=None):
+                 train_dir=None, steps=None, scratch=None, outputs=None, resume=None):
         self.name, self.kind, self.cmds, self.deps = name, kind, cmds, list(deps)
         self.artifact = artifact  # a path template under {work}: what later stages read
         self.keeps = keeps  # (source template, destination under {results}) copied when it finishes
@@ -193,6 +193,9 @@ class Stage:
         self.capture = capture  # a results file the commands' stdout goes to (scores, tables)
         self.train_dir, self.steps = train_dir, steps  # a train.py run: resumable
         self.scratch = scratch  # removed before the stage (re)starts: what a killed attempt left (samples, a file)
+        # A flag its first command continues its scratch with: an attempt under the same key is continued
+        # (sample.py --resume), anything else is removed as above.
+        self.resume = resume
         # Files the commands write to {out} (figures) land in results/OUTPUTS/ once the stage succeeds:
         # a killed stage leaves no half-made figure in results, and a re-run never meets its own old one.
         self.outputs = outputs
@@ -254,7 +257,7 @@ def build_stages(cfg):
              f"{{work}}/reference-{n_ref}.npz"],
             ["metrics.py", "spectrum", samples, train_data, "--n", str(sc["spectrum_n"])]],
             deps=deps + ["reference"], capture=f"{name}/score.txt", units=sc["n"], rate="score_sample",
-            artifact=samples, scratch=samples)
+            artifact=samples, scratch=samples, resume="--resume")
 
     def inflation(run):
         """σ(ϕ̂)/σ(ϕ) and ẑ0/z0 of one checkpoint on LPL's samples: the same images, t and noise for

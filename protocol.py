@@ -53,7 +53,6 @@ class Driver:
         self.stages = build_stages(cfg)
         self.by_name = {s.name: s for s in self.stages}
         self.host = host()
-        self.live = set()  # the stages running now (a killed score's samples are not progress)
 
     # -------------------------------------------------------------- what is done
     def record(self, stage):
@@ -155,10 +154,24 @@ class Driver:
         if stage.kind == "vae" and vae_step(self.paths.fill(stage.artifact)):
             step = vae_step(self.paths.fill(stage.artifact))
             return f"at step {step} of {stage.units}", stage.units - step
-        if stage.kind == "score" and stage.name in self.live and self.samples_written(stage):  # (a restart begins again)
+        if stage.kind == "score" and self.continues(stage) and self.samples_written(stage):
             k = self.samples_written(stage)
             return f"at sample {k} of {stage.units}", stage.units - k
         return "to do", stage.units
+
+    def attempt(self, stage):
+        """Where a resumable stage keeps the key of the attempt that wrote its scratch."""
+        return os.path.join(self.paths.work, "attempts", stage.name.replace("/", "__") + ".key")
+
+    def continues(self, stage):
+        """A resumable stage continues its scratch only when an attempt under its present key wrote it:
+        after a change of command or input, what is there belongs to another stage."""
+        if not stage.resume or not os.path.exists(self.paths.fill(stage.scratch)):
+            return False
+        with contextlib.suppress(OSError):
+            with open(self.attempt(stage)) as f:
+                return f.read().strip() == stage.key
+        return False
 
     def samples_written(self, stage):
         """The PNGs a running score stage has written so far (sample.py writes each atomically)."""
@@ -196,7 +209,7 @@ class Driver:
     def commands(self, stage):
         """The shell commands of a stage, as a reader would type them (resuming where it stopped)."""
         out = []
-        if stage.scratch and os.path.exists(self.paths.fill(stage.scratch)):
+        if stage.scratch and os.path.exists(self.paths.fill(stage.scratch)) and not self.continues(stage):
             out.append(f"rm -rf {shlex.quote(self.paths.fill(stage.scratch))}")
         if stage.outputs is not None:
             out.append(f"mkdir -p {shlex.quote(self.paths.fill(stage.scratch))}")
@@ -223,18 +236,29 @@ class Driver:
                                                         + (["--device", self.device] if self.device else [])]
         if stage.kind == "vae" and os.path.exists(os.path.join(self.paths.fill(stage.artifact), "train-state.pt")):
             cmds = [cmds[0] + ["--resume"]]
+        if stage.resume:  # (on an empty scratch it starts from the beginning; launch empties another attempt's)
+            cmds = [cmds[0] + [stage.resume], *cmds[1:]]
         return cmds
+
+    def prepare_scratch(self, stage):
+        """What an unfinished attempt left: the stage is its only writer, and not done. Removed, unless
+        the stage resumes and the attempt ran under its present key (then its command continues it)."""
+        if not stage.scratch:
+            return
+        scratch = self.paths.fill(stage.scratch)
+        if not self.continues(stage):
+            if os.path.isfile(scratch):
+                os.remove(scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+        if stage.outputs is not None:
+            os.makedirs(scratch, exist_ok=True)
+        if stage.resume:
+            write_atomic(self.attempt(stage), stage.key + "\n")
 
     def launch(self, stage, slot, threads, gpus):
         """Start a stage's commands one after the other; their output goes to runs/NAME/logs/STAGE.log
         (stdout to the stage's capture file when its output is kept: scores, tables)."""
-        if stage.scratch:  # what an unfinished attempt left: the stage is its only writer, and not done
-            scratch = self.paths.fill(stage.scratch)
-            if os.path.isfile(scratch):
-                os.remove(scratch)
-            shutil.rmtree(scratch, ignore_errors=True)
-            if stage.outputs is not None:
-                os.makedirs(self.paths.fill(stage.scratch), exist_ok=True)
+        self.prepare_scratch(stage)
         log = os.path.join(self.paths.work, "logs", stage.name.replace("/", "__") + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         capture = None
@@ -286,11 +310,16 @@ class Driver:
         units = stage.units
         if stage.train_dir:  # the seconds of this segment, per step it trained
             units = stage.steps - job.get("from_step", 0)
+        elif job.get("written"):  # a continued score: per sample it drew (reading the others back is quick)
+            units = max(1, stage.units - job["written"])
         rec = dict(stage=stage.name, key=stage.key, commands=[shlex.join(["python", *c]) for c in stage.cmds],
                    inputs=self.inputs_of(stage), artifact_hash=artifact_hash(p.fill(stage.artifact)) if stage.artifact else None,
                    seconds=round(seconds, 1), units=units, host=self.host, threads=job["threads"],
                    finished=datetime.datetime.now().isoformat(timespec="seconds"))
         write_atomic(p.record(stage), json.dumps(rec, indent=1) + "\n")
+        if stage.resume:  # (done: a later attempt, after a change, starts afresh)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.attempt(stage))
 
     def run(self):
         need = self.needed()
@@ -332,18 +361,22 @@ class Driver:
                     failed = (s, None, problem)
                     break
                 todo.remove(s)
-                from_step = 0
+                from_step, written = 0, 0
                 if s.train_dir and os.path.exists(os.path.join(self.paths.fill(s.train_dir), "ckpt.pt")):
                     from_step = train_progress(self.paths.fill(s.train_dir))[0]
+                if s.kind == "score" and self.continues(s):
+                    written = self.samples_written(s)
                 # on a CPU, a stage that will run alone gets the cores the others would have had
                 others = len(running) + sum(1 for t in todo if ready(t))
                 n_threads = threads if self.cfg.get("threads") or gpus else max(
                     threads, (os.cpu_count() or 1) // max(1, min(self.jobs, others + 1)))
                 job = self.launch(s, len(running), n_threads, gpus)
-                job.update(threads=n_threads, from_step=from_step)
+                job.update(threads=n_threads, from_step=from_step, written=written)
                 running.append(job)
                 self.say(f"[{fmt_time(time.time() - t0)}] start: {s.name}"
-                         + (f" (from step {from_step})" if from_step else "") + f"  log: {job['log']}")
+                         + (f" (from step {from_step})" if from_step else "")
+                         + (f" (continuing: {written} of {s.units} samples written)" if written else "")
+                         + f"  log: {job['log']}")
             if failed:
                 break
             if not running and todo:  # nothing can start: a dependency failed to appear
@@ -351,7 +384,6 @@ class Driver:
                 break
             if time.time() - last_line > 300 and running:
                 last_line = time.time()
-                self.live = {j["stage"].name for j in running}
                 self.say(f"[{fmt_time(time.time() - t0)}] {finished}/{len(need)} finished; running: "
                          + ", ".join(self.progress(j) for j in running) + f"; {self.eta()}")
             time.sleep(0.5)

@@ -280,22 +280,42 @@ def test_every_stage_depends_on_the_stages_whose_files_it_reads(name):
 
 
 
-def test_a_running_score_shows_and_projects_from_the_samples_it_has_written(tmp_path):
-    """Scores are the slowest stages after training: the progress line counts their PNGs and the
-    projection counts only what is left; a killed score's leftovers are no progress (it restarts)."""
+def test_a_killed_score_continues_its_own_samples_and_no_other_attempts(tmp_path):
+    """A score stage (the slowest after training) that was stopped continues the samples it wrote
+    (sample.py --resume checks they are its own): its state and the projection count them. Samples an
+    attempt under another key left (a changed command or input) are removed before it starts."""
     cfg = plan.load_protocol(os.path.join(HERE, "protocols/smoke.py"))
     driver = protocol.Driver(cfg, plan.Paths(str(tmp_path / "runs"), str(tmp_path / "results"), None), 1,
                              out=lambda *a: None)
     stage = driver.by_name["eps/l2-s0/score"]
     samples = tmp_path / "runs" / "samples" / "eps" / "l2-s0"
-    samples.mkdir(parents=True)
-    for i in range(5):
-        (samples / f"{i:06d}.png").write_bytes(b"")
-    (samples / "000005.tmp-123.png").write_bytes(b"")  # cli.atomic_path's name, a write under way
-    assert driver.state(stage) == ("to do", stage.units)  # not running: a restart removes them
-    driver.live = {stage.name}
+
+    def leftovers(key):  # what a killed attempt under `key` left
+        samples.mkdir(parents=True, exist_ok=True)
+        for i in range(5):
+            (samples / f"{i:06d}.png").write_bytes(b"")
+        (samples / "000005.tmp-123.png").write_bytes(b"")  # cli.atomic_path's name, a write under way
+        os.makedirs(os.path.dirname(driver.attempt(stage)), exist_ok=True)
+        open(driver.attempt(stage), "w").write(key + "\n")
+
+    sample_cmd = driver.argv(stage)[0]
+    assert sample_cmd[0] == "sample.py" and sample_cmd[-1] == "--resume"  # a new folder: the plain call
+    assert "--resume" not in stage.cmds[0]  # (no part of the stage's key: keys of finished scores stay)
+    leftovers(stage.key)
     assert driver.state(stage) == (f"at sample 5 of {stage.units}", stage.units - 5)
     assert driver.progress(dict(stage=stage, start=time.time())).startswith(f"eps/l2-s0/score (sample 5/{stage.units}, ")
+    assert not any(c.startswith("rm ") for c in driver.commands(stage))
+    driver.prepare_scratch(stage)
+    assert len(list(samples.glob("0*.png"))) == 6
+    leftovers("another-key")
+    assert driver.state(stage) == ("to do", stage.units)
+    assert driver.commands(stage)[0].startswith("rm -rf ")
+    driver.prepare_scratch(stage)
+    assert not samples.exists() and open(driver.attempt(stage)).read().strip() == stage.key
+    leftovers(stage.key)
+    driver.finish(dict(stage=stage, start=time.time(), capture=None, threads=1, written=5))
+    assert not os.path.exists(driver.attempt(stage))  # done: a later attempt (after a change) starts afresh
+    assert json.load(open(driver.paths.record(stage)))["units"] == stage.units - 5  # the rate: samples it drew
 
 
 def test_schedule_projects_jobs_side_by_side():
