@@ -1,6 +1,7 @@
 """Run folders and checkpoints: a checkpoint describes its run (arguments, model config, classes,
 latent shape, random state), is written whole or not at all (data.atomic_save) and read back with a
 one-line error; a run folder is locked by the one train.py writing to it."""
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -41,14 +42,26 @@ def weights_digest(*modules):
     return h.hexdigest()[:16]
 
 
-def lock_run_dir(run_dir):
-    """An exclusive lock on the run directory for this process's lifetime (released on exit or kill)."""
+def lock_run_dir(run_dir, who="train.py", flag="--run-dir"):
+    """An exclusive lock on a folder one command writes to, for this process's lifetime (released on
+    exit or kill): a second command on it stops in one line."""
     f = open(os.path.join(run_dir, ".lock"), "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fail(f"another train.py is writing to {run_dir}; wait for it or pick another --run-dir")
+        fail(f"another {who} is writing to {run_dir}; wait for it or pick another {flag}")
     return f
+
+
+@contextlib.contextmanager
+def locked(folder, who, flag):
+    """lock_run_dir for a block: the lock file goes with the block (it would be litter in the folder)."""
+    f = lock_run_dir(folder, who, flag)
+    try:
+        yield
+    finally:
+        f.close()
+        os.remove(os.path.join(folder, ".lock"))
 
 
 def make_run_dir(path):

