@@ -174,7 +174,7 @@ class Driver:
         return False
 
     def samples_written(self, stage):
-        """The PNGs a running score stage has written so far (sample.py writes each atomically)."""
+        """The PNGs a score stage has written so far (sample.py writes each atomically)."""
         with contextlib.suppress(OSError):
             return sum(f.endswith(".png") and ".tmp-" not in f for f in os.listdir(self.paths.fill(stage.artifact)))
         return 0

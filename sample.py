@@ -209,6 +209,7 @@ def draw(args, held):
     per_label = torch.tensor(labels).repeat_interleave(1 if args.out_dir else args.per_class)  # grid: a row per class
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
+    shape = tuple(ckpt["latent_shape"])  # (C, h, w)
     images, feats, power = [], [], 0
 
     def measure(u8):  # FID features and the spectrum of exactly what the PNGs hold (save_image's rounding)
@@ -218,12 +219,12 @@ def draw(args, held):
     try:
         for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
             y = y_all[i:i + args.batch_size].to(device)
-            noise = draw_noise(len(y), tuple(ckpt["latent_shape"]), gen)  # every batch's, so a resume draws the same
+            noise = draw_noise(len(y), shape, gen)  # every batch's, so a resume draws the same
             if i < start:  # written whole by the interrupted call: FID reads them back
                 if args.fid:
                     measure(next(fid.read_images([png_path(args.out_dir, j) for j in range(i, i + len(y))], len(y))))
                 continue
-            z = generate(model, train_args["paradigm"], y, K, tuple(ckpt["latent_shape"]), args.steps, args.cfg,
+            z = generate(model, train_args["paradigm"], y, K, shape, args.steps, args.cfg,
                          cas=cas, cas_ema=not args.no_ema, noise=noise)
             if not z.isfinite().all():
                 fail(f"sampling gave non-finite latents at sample {i}: the model diverges under --cfg {args.cfg}")

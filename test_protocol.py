@@ -299,7 +299,7 @@ def test_a_killed_score_continues_its_own_samples_and_no_other_attempts(tmp_path
         open(driver.attempt(stage), "w").write(key + "\n")
 
     sample_cmd = driver.argv(stage)[0]
-    assert sample_cmd[0] == "sample.py" and sample_cmd[-1] == "--resume"  # a new folder: the plain call
+    assert sample_cmd[0] == "sample.py" and sample_cmd[-1] == "--resume"  # (on a new folder, a plain call)
     assert "--resume" not in stage.cmds[0]  # (no part of the stage's key: keys of finished scores stay)
     leftovers(stage.key)
     assert driver.state(stage) == (f"at sample 5 of {stage.units}", stage.units - 5)

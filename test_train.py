@@ -391,6 +391,7 @@ def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(asse
     torch.jit.script(_ColourMeans()).save(str(tmp_path / "net.pt"))
     monkeypatch.setattr(fid, "inception_path", lambda: str(tmp_path / "net.pt"))
     args = ["--ckpt", ckpt, "--n", "7", "--batch-size", "2", "--steps", "2", "--fid", "--fid-ref", str(assets / "data")]
+
     def scores(out):  # the FID and spectrum lines (the first call also says where it kept the reference's statistics)
         return [line for line in out.splitlines() if line.startswith(("FID ", "spectrum error "))]
     sample.main([*args, "--out-dir", str(tmp_path / "whole")])
