@@ -120,14 +120,16 @@ class Path(Checked):
     """A path, checked for what it must be before any work.
 
     kind: "file" (an existing file), "dir" (an existing folder), "new-file" (a file to write: its folder
-    exists and is writable; with ext, the name ends in one of them), "out-dir" (a folder to write into:
+    exists and is writable; with ext, the name ends in one of them), "out-file" (as new-file, or one that
+    exists: for a command that continues or checks it, and refuses it otherwise), "out-dir" (a folder to write into:
     it exists and is writable, or can be created), "any" (a file or a folder that exists).
     hub=True also accepts a Hugging Face id (org/name or org/name/subfolder) that is no local path."""
 
     def __init__(self, kind, ext=(), hub=False, words=()):
         self.kind, self.ext, self.hub, self.words = kind, tuple(ext), hub, tuple(words)
         self.accepts = {"file": "an existing file", "dir": "an existing folder", "any": "an existing file or folder",
-                        "new-file": "a file name in a writable folder", "out-dir": "a writable folder"}[kind]
+                        "new-file": "a file name in a writable folder", "out-file": "a file name in a writable folder",
+                        "out-dir": "a writable folder"}[kind]
         if self.ext:
             self.accepts += f" ending in {' or '.join(self.ext)}"
         if hub:
@@ -153,10 +155,10 @@ class Path(Checked):
                                              f"not {self.accepts}")
         if self.kind == "any" and not os.path.exists(path):
             raise argparse.ArgumentTypeError(f"{text!r} does not exist (expected {self.accepts})")
-        if self.kind == "new-file":
+        if self.kind in ("new-file", "out-file"):
             if os.path.isdir(path):
                 raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file name")
-            if os.path.exists(path):  # outputs are never replaced in silence
+            if os.path.exists(path) and self.kind == "new-file":  # outputs are never replaced in silence
                 raise argparse.ArgumentTypeError(f"{text!r} exists: remove it or pick another name")
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):

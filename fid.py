@@ -14,12 +14,13 @@ bilinear resize (no half-pixel offset) and mapped by (x - 128) / 128. `metrics.p
 import glob
 import importlib.util
 import os
+import shutil
 import warnings
 
 import numpy as np
 import torch
 
-from cli import fail
+from cli import atomic_path, fail
 from data import load_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -115,6 +116,91 @@ def features_of_files(files, extractor, batch_size=100, desc="FID features"):
                                                  desc=desc)])
 
 
+def stats_settings(files, extractor, batch_size=100):
+    """What the features of `files` depend on, recorded with them: the images (a digest of their paths,
+    sizes and modification times), the FID network, the device and the batching (a batch's features
+    are computed together, so a continued call keeps the same batches)."""
+    import hashlib
+    import json
+    digest = hashlib.sha1(json.dumps([[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                                      for f in files]).encode()).hexdigest()[:16]
+    return dict(images=len(files), files_digest=digest, network=os.path.abspath(extractor.path),
+                device=str(extractor.device), batch_size=batch_size)
+
+
+def kept_features(files, extractor, keep, settings, resume, every=60.0, desc="FID features"):
+    """features_of_files for a long call (50,000 images take hours on a CPU), keeping what it has
+    computed in the folder `keep`: every `every` seconds a chunk of the batches since the last one
+    (NNNNNNNNN-MMMMMMMMM.pt, images N to M, written whole or not at all), beside `settings.json`.
+    With resume, a killed call's chunks are read back and only the batches none holds are computed,
+    in the same batches: the features equal one call's. Chunks of other settings are refused, and so
+    are chunks without resume (nothing computed is thrown away in silence)."""
+    import json
+    import time
+    from tqdm import tqdm
+    from checkpoints import locked
+    bs = settings["batch_size"]
+    os.makedirs(keep, exist_ok=True)
+    with locked(keep, "metrics.py stats", "output"):
+        for f in os.listdir(keep):  # writes a kill cut short (cli.atomic_path's temporary names)
+            if ".tmp-" in f:
+                os.remove(os.path.join(keep, f))
+        chunks = sorted(f for f in os.listdir(keep) if f.endswith(".pt"))
+        if chunks and not resume:
+            fail(f"{keep} holds the features of {chunk_end(chunks[-1])} images from an interrupted call: continue "
+                 f"it with --resume, or delete the folder")
+        if chunks:
+            try:
+                with open(os.path.join(keep, "settings.json")) as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {}
+            differ = [k for k in settings if old.get(k) != settings[k]]
+            if differ:
+                fail(f"--resume: the features in {keep} were computed with other settings ("
+                     + ", ".join(f"{k} {old.get(k)!r}, here {settings[k]!r}" for k in differ)
+                     + "): give the ones they were computed with, or delete the folder")
+        with atomic_path(os.path.join(keep, "settings.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(settings, f, indent=1)
+        feats, done = [], 0
+        for c in chunks:  # contiguous from 0, each a whole number of batches
+            start, end = (int(v) for v in c[:-3].split("-"))
+            x = torch.load(os.path.join(keep, c))
+            if start != done or len(x) != end - start or (end % bs and end != len(files)):
+                fail(f"{keep} holds a chunk that does not follow the others ({c}): delete the folder")
+            feats.append(x)
+            done = end
+        pending, last = [], time.time()
+
+        def flush():
+            nonlocal pending, last, done
+            if pending:
+                x = torch.cat(pending)
+                with atomic_path(os.path.join(keep, f"{done:09d}-{done + len(x):09d}.pt")) as tmp:
+                    torch.save(x, tmp)
+                feats.append(x)
+                done, pending, last = done + len(x), [], time.time()
+
+        batches = read_images(files[done:], bs)
+        try:
+            for x in tqdm(batches, total=-(-(len(files) - done) // bs), desc=desc + (f" (from {done})" if done else "")):
+                pending.append(extractor(x))
+                if time.time() - last >= every:
+                    flush()
+        except KeyboardInterrupt:
+            flush()  # Ctrl-C loses nothing computed; a kill, at most `every` seconds of it
+            fail(f"interrupted; the features of {done} of {len(files)} images are kept in {keep}: run the same "
+                 f"command with --resume to continue")
+        flush()
+    return torch.cat(feats)
+
+
+def chunk_end(name):
+    """The number of images kept up to a chunk of kept_features, from its name."""
+    return int(name[:-3].split("-")[1])
+
+
 def gaussian_stats(feats):
     """Mean (D,) and covariance (D, D) of features (N, D), float64; the covariance is unbiased (N − 1),
     so N ≥ 2 (with one image it is NaN, and the matrix square root of a NaN matrix never returns)."""
@@ -176,8 +262,9 @@ def fid_stats(source, extractor=None, n=None, seed=0):
 
 def cached_folder_stats(folder, extractor, cache_dir):
     """(μ, Σ) of all images of a folder, computed once: kept as fid-stats-<hash>.npz in cache_dir,
-    keyed by the files' names, sizes and modification times (a changed folder is measured again).
-    Without a writable cache_dir they are computed and not kept."""
+    keyed by the files' names, sizes and modification times (a changed folder is measured again); a
+    killed call's features are continued by the next. Without a writable cache_dir they are computed
+    and not kept."""
     import hashlib
     import json
     files = image_files(folder)
@@ -187,10 +274,13 @@ def cached_folder_stats(folder, extractor, cache_dir):
     path = os.path.join(cache_dir, f"fid-stats-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz")
     if os.path.exists(path):
         return load_stats(path)
-    mu, sigma = gaussian_stats(features_of_files(files, extractor, desc=f"FID features of {folder} (once)"))
-    if os.access(cache_dir, os.W_OK):
-        tmp = path + f".{os.getpid()}.tmp.npz"
+    desc = f"FID features of {folder} (once)"
+    if not os.access(cache_dir, os.W_OK):
+        return gaussian_stats(features_of_files(files, extractor, desc=desc))
+    keep = path[:-len(".npz")] + ".features"  # a killed call's features, continued by the next (same key)
+    mu, sigma = gaussian_stats(kept_features(files, extractor, keep, stats_settings(files, extractor), True, desc=desc))
+    with atomic_path(path) as tmp:
         np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-        print(f"kept the statistics of {folder} in {path}")
+    shutil.rmtree(keep)
+    print(f"kept the statistics of {folder} in {path}")
     return mu, sigma

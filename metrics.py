@@ -6,7 +6,7 @@ The spectrum (the paper's Fig. 4/5): the radially averaged power spectrum of ima
 with real ones by the mean |log ratio| over frequencies. It needs no network.
 
     python metrics.py fid FOLDER_A FOLDER_B            # FID between two image folders (or .npz stats)
-    python metrics.py stats FOLDER ref.npz             # a folder's FID statistics, computed once
+    python metrics.py stats FOLDER ref.npz             # a folder's FID statistics, computed once (--resume: continue)
     python metrics.py spectrum FOLDER_A FOLDER_B --plot spectrum.png
     python metrics.py diff grid-l2.png grid-lpl.png --out diff.png   # grids from the same noise, and b - a
     python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
@@ -20,10 +20,45 @@ import numpy as np
 import torch
 
 from cli import atomic_path, entry, fail
-from fid import (IMAGE_EXTENSIONS, InceptionFeatures, features_of_files, fid_stats, frechet_distance, gaussian_stats,
-                 image_files, load_stats, read_images, subset)
+from fid import (IMAGE_EXTENSIONS, InceptionFeatures, features_of_files, frechet_distance, gaussian_stats,
+                 image_files, kept_features, load_stats, read_images, stats_settings, subset)
 from figures import difference_image, outlier_maps, plot_curves, plot_seeds, plot_spectra
 
+
+
+# ------------------------------------------------------------------------------ FID statistics
+STATS_BATCH = 100  # images per batch of the FID network (a continued call keeps the same batches)
+
+
+def write_stats(folder, out, n, seed, device, resume):
+    """`metrics.py stats`: the FID statistics of n images of a folder (all: None), with what they were
+    computed from. The features are kept as they come (fid.kept_features), so an interrupted call
+    continues with resume; a finished OUT of the same settings is kept as it is."""
+    import json
+    import shutil
+    files = subset(image_files(folder), n, seed)
+    size = tuple(next(read_images(files[:1])).shape[-2:])  # the images' size: compared with samples
+    extractor = InceptionFeatures(device=device)
+    settings = stats_settings(files, extractor, STATS_BATCH)
+    keep = out[:-len(".npz")] + ".features"
+    if os.path.exists(out):  # (with resume only: main refuses it otherwise)
+        try:
+            with np.load(out) as f:
+                old = json.loads(str(f["settings"])) if "settings" in f.files else None
+        except Exception:  # (not an .npz of this script's)
+            old = None
+        if old != settings:
+            fail(f"{out} exists and holds the statistics of {'other images or settings' if old else 'an unrecorded call'}: "
+                 f"remove it or pick another name")
+        shutil.rmtree(keep, ignore_errors=True)  # (a kill between the last write and this clean-up leaves it)
+        print(f"{out} already holds these statistics")
+        return
+    feats = kept_features(files, extractor, keep, settings, resume, desc=f"FID features of {folder}")
+    mu, sigma = gaussian_stats(feats)
+    with atomic_path(out) as tmp:  # a killed run leaves no half-written statistics
+        np.savez(tmp, mu=mu, sigma=sigma, size=np.array(size), settings=json.dumps(settings))
+    shutil.rmtree(keep)
+    print(f"wrote {out}")
 
 
 # ------------------------------------------------------------------------------ spectrum
@@ -263,9 +298,12 @@ def main(argv=None):
                    "and their mean and spread; features are computed once for all draws")
     st = sub.add_parser("stats", formatter_class=HelpFormatter, help="save a folder's FID statistics (μ, Σ)")
     st.add_argument("folder", type=Path("dir"), help="image folder")
-    st.add_argument("out", type=Path("new-file", ext=(".npz",)), help="the .npz to write")
+    st.add_argument("out", type=Path("out-file", ext=(".npz",)), help="the .npz to write (a new file; with --resume, "
+                    "an existing one is checked against this call's settings and kept)")
     st.add_argument("--n", type=Int(2), default=None, help="draw N images at random (default: all)")
     st.add_argument("--seed", type=SEED, default=0, help="seeds the draw")
+    st.add_argument("--resume", action="store_true", help="continue an interrupted call with the same settings (a "
+                    "call keeps its features as they come in a folder named as OUT, .features for .npz)")
     sp = sub.add_parser("spectrum", formatter_class=HelpFormatter, help="power spectrum error of folders against a reference")
     sp.add_argument("a", nargs="+", type=Path("dir"), help="image folder(s), e.g. generated; each is compared with the last folder")
     sp.add_argument("b", type=Path("dir"), help="image folder (reference)")
@@ -318,6 +356,8 @@ def main(argv=None):
     cu.add_argument("logs", nargs="+", type=Path("file"), help="log.jsonl files; each is labelled by its run directory")
     cu.add_argument("--out", default="curves.png", type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="the PNG to write")
     args = p.parse_args(argv)
+    if args.metric == "stats" and os.path.exists(args.out) and not args.resume:  # outputs are never replaced
+        fail(f"{args.out} exists: remove it or pick another name (--resume checks it against this call's settings)")
     if args.metric == "outliers":
         from data import UnreadableImage, load_vae, read_rgb
         path = args.image
@@ -434,11 +474,7 @@ def main(argv=None):
     if args.metric in ("fid", "stats") and args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.metric == "stats":
-        size = tuple(next(read_images(image_files(args.folder)[:1])).shape[-2:])
-        mu, sigma = fid_stats(args.folder, InceptionFeatures(device=args.device), args.n, args.seed)
-        with atomic_path(args.out) as tmp:  # a killed run leaves no half-written statistics
-            np.savez(tmp, mu=mu, sigma=sigma, size=np.array(size))  # the images' size: compared with samples
-        print(f"wrote {args.out}")
+        write_stats(args.folder, args.out, args.n, args.seed, args.device, args.resume)
     elif args.metric == "fid":
         extractor = InceptionFeatures(device=args.device)
         draws = {}  # per source: {seed: (μ, Σ)}

@@ -192,16 +192,17 @@ class Stage:
         self.units, self.rate = units, rate  # work units (steps, images, samples) and the timing key
         self.capture = capture  # a results file the commands' stdout goes to (scores, tables)
         self.train_dir, self.steps = train_dir, steps  # a train.py run: resumable
-        self.scratch = scratch  # removed before the stage (re)starts: what a killed attempt left (samples, a file)
+        # Paths removed before the stage (re)starts: what a killed attempt left (samples, a file, kept features).
+        self.scratch = (scratch,) if isinstance(scratch, str) else tuple(scratch or ())
         # A flag its first command continues its scratch with: an attempt under the same key is continued
-        # (sample.py --resume), anything else is removed as above.
+        # (sample.py --resume, metrics.py stats --resume), anything else is removed as above.
         self.resume = resume
         # Files the commands write to {out} (figures) land in results/OUTPUTS/ once the stage succeeds:
         # a killed stage leaves no half-made figure in results, and a re-run never meets its own old one.
         self.outputs = outputs
         if outputs is not None:
-            self.scratch = f"{{work}}/out/{name}"
-            self.cmds = [[a.replace("{out}", self.scratch) for a in cmd] for cmd in cmds]
+            self.scratch = (f"{{work}}/out/{name}",)
+            self.cmds = [[a.replace("{out}", self.scratch[0]) for a in cmd] for cmd in cmds]
         self.key = None
 
 
@@ -247,7 +248,8 @@ def build_stages(cfg):
     n_ref = cfg["reference"]["n"]
     add(Stage("reference", "ref", [["metrics.py", "stats", train_data, f"{{work}}/reference-{n_ref}.npz", "--n",
                                     str(n_ref)]], deps=data_dep, artifact=f"{{work}}/reference-{n_ref}.npz",
-              units=n_ref, rate="ref_image", scratch=f"{{work}}/reference-{n_ref}.npz"))
+              units=n_ref, rate="ref_image", resume="--resume",
+              scratch=(f"{{work}}/reference-{n_ref}.npz", f"{{work}}/reference-{n_ref}.features")))
 
     def score(name, run, deps):
         samples = f"{{work}}/samples/{name}"

@@ -10,9 +10,10 @@ autoencoder, the FID reference, each base run, each post-training, each score, t
 figures) and runs those that are not done, and only those:
 
 - Kill it at any moment (SIGKILL included) and give the same command again: an unfinished training
-  run resumes from its checkpoint, a finished stage is never redone. A stage is done when its record
-  in RESULTS/stages/ exists *and* names the same command as the protocol file now gives; a protocol
-  file changed over finished stages is refused in one line (or, with --redo-changed, they re-run).
+  run resumes from its checkpoint, a score from its samples, the FID reference from its features; a
+  finished stage is never redone. A stage is done when its record in RESULTS/stages/ exists *and*
+  names the same command as the protocol file now gives; a protocol file changed over finished
+  stages is refused in one line (or, with --redo-changed, they re-run).
 - Before any work it prints the plan: every stage, its state (done / at step k / to do) and a
   projected wall time from timings measured by earlier stages (this machine's first, then the
   protocol file's own `timings`).
@@ -154,9 +155,9 @@ class Driver:
         if stage.kind == "vae" and vae_step(self.paths.fill(stage.artifact)):
             step = vae_step(self.paths.fill(stage.artifact))
             return f"at step {step} of {stage.units}", stage.units - step
-        if stage.kind == "score" and self.continues(stage) and self.samples_written(stage):
-            k = self.samples_written(stage)
-            return f"at sample {k} of {stage.units}", stage.units - k
+        k, noun = self.units_kept(stage) if self.continues(stage) else (0, "")
+        if k:
+            return f"at {noun[:-1]} {k} of {stage.units}", stage.units - k
         return "to do", stage.units
 
     def attempt(self, stage):
@@ -166,18 +167,25 @@ class Driver:
     def continues(self, stage):
         """A resumable stage continues its scratch only when an attempt under its present key wrote it:
         after a change of command or input, what is there belongs to another stage."""
-        if not stage.resume or not os.path.exists(self.paths.fill(stage.scratch)):
+        if not stage.resume or not any(os.path.exists(self.paths.fill(s)) for s in stage.scratch):
             return False
         with contextlib.suppress(OSError):
             with open(self.attempt(stage)) as f:
                 return f.read().strip() == stage.key
         return False
 
-    def samples_written(self, stage):
-        """The PNGs a score stage has written so far (sample.py writes each atomically)."""
+    def units_kept(self, stage):
+        """(k, noun): the units a resumable stage's scratch holds so far: a score's PNGs (sample.py writes
+        each atomically), the reference's images with features kept (fid.kept_features' chunks)."""
         with contextlib.suppress(OSError):
-            return sum(f.endswith(".png") and ".tmp-" not in f for f in os.listdir(self.paths.fill(stage.artifact)))
-        return 0
+            if stage.kind == "score":
+                names = os.listdir(self.paths.fill(stage.artifact))
+                return sum(f.endswith(".png") and ".tmp-" not in f for f in names), "samples"
+            if stage.kind == "ref":
+                names = os.listdir(self.paths.fill(stage.scratch[1]))  # chunks N-M.pt: images N to M
+                return max((int(f[:-3].split("-")[1]) for f in names if f.endswith(".pt") and ".tmp-" not in f),
+                           default=0), "images"
+        return 0, "units"
 
     def plan(self):
         need = self.needed()
@@ -209,10 +217,10 @@ class Driver:
     def commands(self, stage):
         """The shell commands of a stage, as a reader would type them (resuming where it stopped)."""
         out = []
-        if stage.scratch and os.path.exists(self.paths.fill(stage.scratch)) and not self.continues(stage):
-            out.append(f"rm -rf {shlex.quote(self.paths.fill(stage.scratch))}")
+        if not self.continues(stage):
+            out += [f"rm -rf {shlex.quote(self.paths.fill(s))}" for s in stage.scratch if os.path.exists(self.paths.fill(s))]
         if stage.outputs is not None:
-            out.append(f"mkdir -p {shlex.quote(self.paths.fill(stage.scratch))}")
+            out.append(f"mkdir -p {shlex.quote(self.paths.fill(stage.scratch[0]))}")
         for i, cmd in enumerate(self.argv(stage)):
             line = shlex.join(["python", *cmd])
             if stage.capture:
@@ -220,7 +228,7 @@ class Driver:
             out.append(line)
         if stage.outputs is not None:
             dest = self.paths.fill(os.path.join(self.paths.results, stage.outputs))
-            out.append(f"mv {shlex.quote(self.paths.fill(stage.scratch))}/* {shlex.quote(dest)}/")
+            out.append(f"mv {shlex.quote(self.paths.fill(stage.scratch[0]))}/* {shlex.quote(dest)}/")
         return out
 
     def argv(self, stage):
@@ -245,13 +253,13 @@ class Driver:
         the stage resumes and the attempt ran under its present key (then its command continues it)."""
         if not stage.scratch:
             return
-        scratch = self.paths.fill(stage.scratch)
         if not self.continues(stage):
-            if os.path.isfile(scratch):
-                os.remove(scratch)
-            shutil.rmtree(scratch, ignore_errors=True)
+            for scratch in map(self.paths.fill, stage.scratch):
+                if os.path.isfile(scratch):
+                    os.remove(scratch)
+                shutil.rmtree(scratch, ignore_errors=True)
         if stage.outputs is not None:
-            os.makedirs(scratch, exist_ok=True)
+            os.makedirs(self.paths.fill(stage.scratch[0]), exist_ok=True)
         if stage.resume:
             write_atomic(self.attempt(stage), stage.key + "\n")
 
@@ -302,7 +310,7 @@ class Driver:
         if job["capture"]:
             write_atomic(os.path.join(p.results, stage.capture), open(job["capture"]).read())
         if stage.outputs is not None:  # each file renamed into results whole (same file system: work and
-            scratch = p.fill(stage.scratch)  # results may not be, so copy_atomic, then drop the scratch)
+            scratch = p.fill(stage.scratch[0])  # results may not be, so copy_atomic, then drop the scratch)
             for f in sorted(os.listdir(scratch)):
                 copy_atomic(os.path.join(scratch, f), os.path.join(p.results, stage.outputs, f))
             shutil.rmtree(scratch, ignore_errors=True)
@@ -310,7 +318,7 @@ class Driver:
         units = stage.units
         if stage.train_dir:  # the seconds of this segment, per step it trained
             units = stage.steps - job.get("from_step", 0)
-        elif job.get("written"):  # a continued score: per sample it drew (reading the others back is quick)
+        elif job.get("written"):  # a continued score or reference: per unit it computed (the rest are read back)
             units = max(1, stage.units - job["written"])
         rec = dict(stage=stage.name, key=stage.key, commands=[shlex.join(["python", *c]) for c in stage.cmds],
                    inputs=self.inputs_of(stage), artifact_hash=artifact_hash(p.fill(stage.artifact)) if stage.artifact else None,
@@ -361,11 +369,11 @@ class Driver:
                     failed = (s, None, problem)
                     break
                 todo.remove(s)
-                from_step, written = 0, 0
+                from_step, (written, noun) = 0, (0, "")
                 if s.train_dir and os.path.exists(os.path.join(self.paths.fill(s.train_dir), "ckpt.pt")):
                     from_step = train_progress(self.paths.fill(s.train_dir))[0]
-                if s.kind == "score" and self.continues(s):
-                    written = self.samples_written(s)
+                if self.continues(s):
+                    written, noun = self.units_kept(s)
                 # on a CPU, a stage that will run alone gets the cores the others would have had
                 others = len(running) + sum(1 for t in todo if ready(t))
                 n_threads = threads if self.cfg.get("threads") or gpus else max(
@@ -375,7 +383,7 @@ class Driver:
                 running.append(job)
                 self.say(f"[{fmt_time(time.time() - t0)}] start: {s.name}"
                          + (f" (from step {from_step})" if from_step else "")
-                         + (f" (continuing: {written} of {s.units} samples written)" if written else "")
+                         + (f" (continuing: {written} of {s.units} {noun} done)" if written else "")
                          + f"  log: {job['log']}")
             if failed:
                 break
@@ -416,8 +424,9 @@ class Driver:
         if s.kind == "vae":
             step = vae_step(self.paths.fill(s.artifact))
             return f"{s.name} (step {step}/{s.units}, {fmt_time(time.time() - job['start'])})"
-        if s.kind == "score":
-            return f"{s.name} (sample {self.samples_written(s)}/{s.units}, {fmt_time(time.time() - job['start'])})"
+        if s.resume:
+            k, noun = self.units_kept(s)
+            return f"{s.name} ({noun[:-1]} {k}/{s.units}, {fmt_time(time.time() - job['start'])})"
         return f"{s.name} ({fmt_time(time.time() - job['start'])})"
 
     def manifest(self):

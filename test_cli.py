@@ -296,7 +296,8 @@ def test_ctrl_c_and_a_full_disk_end_in_one_line_with_nothing_half_written(sandbo
     def half_then_full(path, **arrays):
         open(path, "wb").write(b"PK\x03\x04 half")  # what a writer leaves when the disk fills
         raise OSError(errno.ENOSPC, "No space left on device", path)
-    monkeypatch.setattr(metrics, "fid_stats", lambda *a, **k: (np.zeros(2), np.eye(2)))
+    monkeypatch.setattr(metrics, "kept_features", lambda *a, **k: torch.randn(4, 2))
+    monkeypatch.setattr(metrics, "stats_settings", lambda *a, **k: {})
     monkeypatch.setattr(metrics, "InceptionFeatures", lambda **k: None)
     monkeypatch.setattr(np, "savez", half_then_full)
     with pytest.raises(SystemExit) as e:

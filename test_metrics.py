@@ -269,6 +269,81 @@ def test_fid_of_one_image_is_an_error_not_a_hang(tmp_path):
     assert "differ in dimension" in one_line_error(fid.frechet_distance, mu, sigma, mu[:2], sigma[:2, :2])
 
 
+def test_stats_killed_and_resumed_equal_one_call_and_compute_only_what_was_not_kept(tmp_path, monkeypatch, capsys):
+    """metrics.py stats keeps its features as they come (a 50,000-image reference takes hours on a
+    CPU): a call interrupted at its 3rd batch, continued with --resume, computes only the batches not
+    kept and writes statistics equal to one call's to the last bit; a finished output is checked and
+    kept; other settings, and a plain call over kept features, are refused in one line."""
+    torch.jit.script(_ColourMeans()).save(str(tmp_path / "net.pt"))
+    monkeypatch.setattr(fid, "inception_path", lambda: str(tmp_path / "net.pt"))
+    monkeypatch.setattr(metrics, "STATS_BATCH", 2)
+    write_pngs(tmp_path / "imgs", classes=("a", "b"), per_class=5)  # 10 images: 5 batches
+    calls = []
+    real = fid.InceptionFeatures.__call__
+
+    def counted(self, x, *a, **k):
+        calls.append(len(x))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # Ctrl-C, or the SIGINT a driver's stop sends
+        return real(self, x, *a, **k)
+    monkeypatch.setattr(fid.InceptionFeatures, "__call__", counted)
+    stop_at = None
+    metrics.main(["stats", str(tmp_path / "imgs"), str(tmp_path / "one.npz")])
+    assert calls == [2] * 5 and not (tmp_path / "one.features").exists()
+    one = np.load(tmp_path / "one.npz")
+
+    out, keep = tmp_path / "ref.npz", tmp_path / "ref.features"
+    calls.clear()
+    stop_at = 3
+    msg = one_line_error(metrics.main, ["stats", str(tmp_path / "imgs"), str(out)])
+    assert "features of 4 of 10 images are kept" in msg and "--resume" in msg and not out.exists()
+    assert sorted(p.name for p in keep.glob("*.pt")) == ["000000000-000000004.pt"]  # the two whole batches
+    (keep / "000000004-000000006.tmp-99.pt").write_bytes(b"cut")  # what a kill during a write leaves
+    assert "--resume" in one_line_error(metrics.main, ["stats", str(tmp_path / "imgs"), str(out)])
+    assert "other settings (images 10, here 9, files_digest" in one_line_error(  # the features are not theirs
+        metrics.main, ["stats", str(tmp_path / "imgs"), str(out), "--resume", "--n", "9"])
+    calls.clear()
+    stop_at = None
+    metrics.main(["stats", str(tmp_path / "imgs"), str(out), "--resume"])
+    assert calls == [2] * 3, calls  # batches 3, 4, 5 only
+    got = np.load(out)
+    assert all(np.array_equal(got[k], one[k]) for k in ("mu", "sigma", "size")) and not keep.exists()
+    calls.clear()
+    capsys.readouterr()
+    metrics.main(["stats", str(tmp_path / "imgs"), str(out), "--resume"])  # finished: checked, kept, nothing computed
+    assert "already holds these statistics" in capsys.readouterr().out and calls == []
+    assert "exists" in one_line_error(metrics.main, ["stats", str(tmp_path / "imgs"), str(out)])
+    assert "exists and holds the statistics of other" in one_line_error(
+        metrics.main, ["stats", str(tmp_path / "imgs"), str(out), "--resume", "--n", "4"])
+    assert fid.load_stats(str(out))[0].shape == (3,)  # readers of the statistics are unchanged
+
+
+def test_a_cached_reference_killed_midway_is_continued_by_the_next_call(tmp_path, monkeypatch):
+    """sample.py --fid-ref FOLDER computes the folder's statistics once into a cache; a call killed
+    midway leaves its features there, and the next call computes only the rest (same statistics)."""
+    write_pngs(tmp_path / "imgs", classes=("a",), per_class=250, size=8)  # 3 batches of 100
+    torch.jit.script(_ColourMeans()).save(str(tmp_path / "net.pt"))
+    ext = fid.InceptionFeatures(str(tmp_path / "net.pt"))
+    calls = []
+    real = fid.InceptionFeatures.__call__
+
+    def counted(self, x, *a, **k):
+        calls.append(len(x))
+        if len(calls) == 2 and stop:
+            raise KeyboardInterrupt
+        return real(self, x, *a, **k)
+    monkeypatch.setattr(fid.InceptionFeatures, "__call__", counted)
+    (tmp_path / "c1").mkdir(), (tmp_path / "c2").mkdir()
+    stop = True
+    assert "--resume" in one_line_error(fid.cached_folder_stats, str(tmp_path / "imgs"), ext, str(tmp_path / "c1"))
+    stop, calls[:] = False, []
+    mu, sigma = fid.cached_folder_stats(str(tmp_path / "imgs"), ext, str(tmp_path / "c1"))
+    assert calls == [100, 50] and not list((tmp_path / "c1").glob("*.features"))
+    calls[:] = []
+    mu1, sigma1 = fid.cached_folder_stats(str(tmp_path / "imgs"), ext, str(tmp_path / "c2"))
+    assert calls == [100, 100, 50] and np.array_equal(mu, mu1) and np.array_equal(sigma, sigma1)
+
+
 def test_metrics_cli_checks_its_inputs(tmp_path):
     write_pngs(tmp_path / "a16", classes=("a",), per_class=2, size=16)
     write_pngs(tmp_path / "a32", classes=("a",), per_class=2, size=32)

@@ -245,11 +245,11 @@ def test_stage_keys_follow_commands_not_paths():
 def _writes_and_reads(stage):
     """The paths a stage writes (its artifact, captured stdout, kept files, figures) and the
     {work}/{results} paths its commands name but do not write, as placeholder templates."""
-    writes = {p for p in (stage.artifact, stage.scratch) if p}
+    writes = {p for p in (stage.artifact, *stage.scratch) if p}
     writes |= {f"{{results}}/{c}" for c in [stage.capture] if c} | {f"{{results}}/{d}" for _, d in stage.keeps}
     args = [a for cmd in stage.cmds for a in cmd if a.startswith(("{work}", "{results}"))]
     if stage.outputs is not None:  # what goes to {out} lands in results/OUTPUTS/ when the stage succeeds
-        writes |= {f"{{results}}/{stage.outputs}{a[len(stage.scratch):]}" for a in args if a.startswith(stage.scratch)}
+        writes |= {f"{{results}}/{stage.outputs}{a[len(stage.scratch[0]):]}" for a in args if a.startswith(stage.scratch[0])}
     inside = lambda path, paths: any(path == w or path.startswith(w + "/") for w in paths)  # noqa: E731
     return writes, {a for a in args if not inside(a, writes)}
 
@@ -278,6 +278,53 @@ def test_every_stage_depends_on_the_stages_whose_files_it_reads(name):
                 missing.append(f"{t.name} reads {overlap[0]} without waiting for {s.name}")
     assert not missing, missing
 
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(HERE, "protocols"))))
+def test_every_resumable_stage_keeps_its_own_attempt_and_removes_any_other(name, tmp_path):
+    """Every stage whose command continues what a killed attempt left (scores: samples; the reference:
+    its features and a written statistics file) keeps all of it under its own key, with its command
+    continuing it, and removes every path of it under another key (a changed command or input)."""
+    cfg = plan.load_protocol(os.path.join(HERE, "protocols", name))
+    driver = protocol.Driver(cfg, plan.Paths(str(tmp_path / "runs"), str(tmp_path / "results"), None), 1,
+                             out=lambda *a: None)
+    resumable = [s for s in driver.stages if s.resume]
+    assert any(s.kind == "ref" for s in resumable) and any(s.kind == "score" for s in resumable)
+    for stage in resumable:
+        paths = [driver.paths.fill(p) for p in stage.scratch]
+
+        def leftovers(key):
+            for p in paths:  # a file where the name has an extension, else a folder with a unit in it
+                os.makedirs(p if not os.path.splitext(p)[1] else os.path.dirname(p), exist_ok=True)
+                open(p if os.path.splitext(p)[1] else os.path.join(p, "000000000-000000002.pt"), "w").close()
+            os.makedirs(os.path.dirname(driver.attempt(stage)), exist_ok=True)
+            open(driver.attempt(stage), "w").write(key + "\n")
+        leftovers(stage.key)
+        assert driver.argv(stage)[0][-1] == stage.resume and stage.resume not in stage.cmds[0]  # (keys unchanged)
+        assert not any(c.startswith("rm ") for c in driver.commands(stage)), stage.name
+        driver.prepare_scratch(stage)
+        assert all(os.path.exists(p) for p in paths), stage.name
+        leftovers("another-key")
+        assert sum(c.startswith("rm -rf ") for c in driver.commands(stage)) == len(paths), stage.name
+        driver.prepare_scratch(stage)
+        assert not any(os.path.exists(p) for p in paths), stage.name
+
+
+def test_a_killed_reference_continues_its_features(tmp_path):
+    """The reference (16 min for 5,000 images on a CPU, hours for 50,000) counts the images its kept
+    features cover, as a score counts its samples."""
+    cfg = plan.load_protocol(os.path.join(HERE, "protocols/smoke.py"))
+    driver = protocol.Driver(cfg, plan.Paths(str(tmp_path / "runs"), str(tmp_path / "results"), None), 1,
+                             out=lambda *a: None)
+    stage = driver.by_name["reference"]
+    keep = driver.paths.fill(stage.scratch[1])
+    os.makedirs(keep)
+    for chunk in ("000000000-000000010.pt", "000000010-000000030.pt", "000000030-000000040.tmp-7.pt"):
+        open(os.path.join(keep, chunk), "w").close()
+    os.makedirs(os.path.dirname(driver.attempt(stage)), exist_ok=True)
+    open(driver.attempt(stage), "w").write(stage.key + "\n")
+    assert driver.state(stage) == (f"at image 30 of {stage.units}", stage.units - 30)
+    assert driver.progress(dict(stage=stage, start=time.time())).startswith(f"reference (image 30/{stage.units}, ")
 
 
 def test_a_killed_score_continues_its_own_samples_and_no_other_attempts(tmp_path):
