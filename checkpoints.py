@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 
 import torch
 
@@ -62,6 +63,80 @@ def locked(folder, who, flag):
     finally:
         f.close()
         os.remove(os.path.join(folder, ".lock"))
+
+
+class Kept:
+    """A long loop's results kept as they come, so that a killed call, run again, computes only what no
+    chunk holds (the FID reference's features, the latent cache's latents). In the folder `keep`:
+    settings.json (what the results depend on) and chunks NNNNNNNNN-MMMMMMMMM.pt (items N to M, whole
+    batches, written whole or not at all): one every `every` seconds, and one by flush() (on Ctrl-C).
+    A SIGKILL loses at most `every` seconds of work. Used as a context manager: one writer (a lock)."""
+
+    def __init__(self, keep, settings, every=60.0, who="call"):
+        self.keep, self.settings, self.every, self.who = keep, settings, every, who
+        self.parts, self.pending, self.done, self.last = [], [], 0, 0.0
+
+    def __enter__(self):
+        os.makedirs(self.keep, exist_ok=True)
+        self.lock = locked(self.keep, self.who, "output")
+        self.lock.__enter__()
+        for f in os.listdir(self.keep):  # writes a kill cut short (cli.atomic_path's temporary names)
+            if ".tmp-" in f:
+                os.remove(os.path.join(self.keep, f))
+        self.chunks = sorted(f for f in os.listdir(self.keep) if f.endswith(".pt"))
+        self.found = int(self.chunks[-1][:-3].split("-")[1]) if self.chunks else 0  # items the chunks hold
+        try:
+            with open(os.path.join(self.keep, "settings.json")) as f:
+                self.old = json.load(f)
+        except (OSError, ValueError):
+            self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.__exit__(*exc)
+
+    def differ(self):
+        """The settings the kept chunks were computed with that differ from this call's (names)."""
+        return [k for k in self.settings if (self.old or {}).get(k) != self.settings[k]]
+
+    def start(self, batch_size, total, keep_old=True):
+        """Read the chunks back (keep_old) or drop them, and record this call's settings; returns the
+        kept parts and the first item to compute (a whole number of batches)."""
+        from cli import atomic_path
+        if not keep_old:
+            for c in self.chunks:
+                os.remove(os.path.join(self.keep, c))
+            self.chunks, self.found = [], 0
+        with atomic_path(os.path.join(self.keep, "settings.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(self.settings, f, indent=1)
+        for c in self.chunks:  # contiguous from 0, each a whole number of batches
+            start, end = (int(v) for v in c[:-3].split("-"))
+            if start != self.done or (end % batch_size and end != total) or end > total:
+                fail(f"{self.keep} holds a chunk that does not follow the others ({c}): delete the folder")
+            self.parts.append(torch.load(os.path.join(self.keep, c)))
+            self.done = end
+        self.last = time.time()
+        return self.parts, self.done
+
+    def add(self, part, n):
+        """The result of the next n items; a chunk is written when `every` seconds have passed."""
+        self.pending.append((part, n))
+        if time.time() - self.last >= self.every:
+            self.flush()
+
+    def flush(self):
+        from cli import atomic_path
+        if not self.pending:
+            return
+        parts = [p for p, _ in self.pending]
+        part = (torch.cat(parts) if torch.is_tensor(parts[0]) else
+                {k: torch.cat([p[k] for p in parts]) for k in parts[0]})  # a tensor, or a dict of tensors
+        n = sum(n for _, n in self.pending)
+        with atomic_path(os.path.join(self.keep, f"{self.done:09d}-{self.done + n:09d}.pt")) as tmp:
+            torch.save(part, tmp)
+        self.parts.append(part)
+        self.done, self.pending, self.last = self.done + n, [], time.time()
 
 
 def make_run_dir(path):

@@ -8,6 +8,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoints import Kept
 from cli import fail
 from lpl import SUPPORTED, decoder_taps, encode_latents
 
@@ -235,19 +237,33 @@ def encode_dataset(args, vae, device, ds, classes, cache, latent_shape):
                 return data
             tqdm.write(f"the latent cache {cache} is {problem}; encoding the data again")
         check_images(ds)  # every file readable, before the minutes of encoding
-        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=args.num_workers)
-        zs, ys = [], []
-        try:
-            with torch.no_grad():
-                for x, y in tqdm(loader, desc="encoding dataset (once)"):
-                    x = x.to(device)
-                    for view in (x, x.flip(-1)):  # both horizontal flips
-                        zs.append(encode_latents(vae, view).half().cpu())
-                        ys.append(y)
-        except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
-            fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
-        data = dict(z=torch.cat(zs), y=torch.cat(ys), classes=classes, key=getattr(args, "latent_key", None))
+        # The latents are kept as they come (a killed run's are continued by the next, in the same batches):
+        # encoding ImageNet takes a while on a GPU, CIFAR-10 10 min on a CPU.
+        keep, bs = cache[:-len(".pt")] + ".parts", 64
+        settings = dict(key=getattr(args, "latent_key", None), images=len(ds), classes=classes,
+                        latent_shape=list(latent_shape), batch_size=bs)
+        with Kept(keep, settings, who="encoding of the dataset") as kept:
+            _, done = kept.start(bs, len(ds), keep_old=not kept.differ())  # (another key's are dropped)
+            if done:
+                tqdm.write(f"the latent cache: continuing the encoding from image {done} of {len(ds)} ({keep})")
+            rest = torch.utils.data.Subset(ds, range(done, len(ds)))
+            loader = torch.utils.data.DataLoader(rest, batch_size=bs, num_workers=args.num_workers)
+            try:
+                with torch.no_grad():
+                    for x, y in tqdm(loader, desc="encoding dataset (once)"):
+                        x = x.to(device)
+                        z = [encode_latents(vae, view).half().cpu() for view in (x, x.flip(-1))]  # both flips
+                        kept.add(dict(z=torch.cat(z), y=torch.cat([y, y])), len(x))
+            except UnreadableImage as e:  # (from a worker, the message ends with the file and the reason)
+                fail(f"cannot read an image in --data: {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}")
+            except KeyboardInterrupt:
+                kept.flush()  # the next run continues from here
+                raise
+            kept.flush()
+            data = dict(z=torch.cat([p["z"] for p in kept.parts]), y=torch.cat([p["y"] for p in kept.parts]),
+                        classes=classes, key=settings["key"])
         atomic_save(data, cache)
+        shutil.rmtree(keep)
         return data
 
 

@@ -129,76 +129,33 @@ def stats_settings(files, extractor, batch_size=100):
 
 
 def kept_features(files, extractor, keep, settings, resume, every=60.0, desc="FID features"):
-    """features_of_files for a long call (50,000 images take hours on a CPU), keeping what it has
-    computed in the folder `keep`: every `every` seconds a chunk of the batches since the last one
-    (NNNNNNNNN-MMMMMMMMM.pt, images N to M, written whole or not at all), beside `settings.json`.
-    With resume, a killed call's chunks are read back and only the batches none holds are computed,
-    in the same batches: the features equal one call's. Chunks of other settings are refused, and so
-    are chunks without resume (nothing computed is thrown away in silence)."""
-    import json
-    import time
+    """features_of_files for a long call (50,000 images take hours on a CPU), keeping what it computes
+    in the folder `keep` as it goes (checkpoints.Kept). With resume, a killed call's features are read
+    back and only the batches none holds are computed, in the same batches: the features equal one
+    call's. Features of other settings are refused, and so are kept features without resume (nothing
+    computed is thrown away in silence)."""
     from tqdm import tqdm
-    from checkpoints import locked
+    from checkpoints import Kept
     bs = settings["batch_size"]
-    os.makedirs(keep, exist_ok=True)
-    with locked(keep, "metrics.py stats", "output"):
-        for f in os.listdir(keep):  # writes a kill cut short (cli.atomic_path's temporary names)
-            if ".tmp-" in f:
-                os.remove(os.path.join(keep, f))
-        chunks = sorted(f for f in os.listdir(keep) if f.endswith(".pt"))
-        if chunks and not resume:
-            fail(f"{keep} holds the features of {chunk_end(chunks[-1])} images from an interrupted call: continue "
-                 f"it with --resume, or delete the folder")
-        if chunks:
-            try:
-                with open(os.path.join(keep, "settings.json")) as f:
-                    old = json.load(f)
-            except (OSError, ValueError):
-                old = {}
-            differ = [k for k in settings if old.get(k) != settings[k]]
-            if differ:
-                fail(f"--resume: the features in {keep} were computed with other settings ("
-                     + ", ".join(f"{k} {old.get(k)!r}, here {settings[k]!r}" for k in differ)
-                     + "): give the ones they were computed with, or delete the folder")
-        with atomic_path(os.path.join(keep, "settings.json")) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=1)
-        feats, done = [], 0
-        for c in chunks:  # contiguous from 0, each a whole number of batches
-            start, end = (int(v) for v in c[:-3].split("-"))
-            x = torch.load(os.path.join(keep, c))
-            if start != done or len(x) != end - start or (end % bs and end != len(files)):
-                fail(f"{keep} holds a chunk that does not follow the others ({c}): delete the folder")
-            feats.append(x)
-            done = end
-        pending, last = [], time.time()
-
-        def flush():
-            nonlocal pending, last, done
-            if pending:
-                x = torch.cat(pending)
-                with atomic_path(os.path.join(keep, f"{done:09d}-{done + len(x):09d}.pt")) as tmp:
-                    torch.save(x, tmp)
-                feats.append(x)
-                done, pending, last = done + len(x), [], time.time()
-
-        batches = read_images(files[done:], bs)
+    with Kept(keep, settings, every) as kept:
+        if kept.chunks and not resume:
+            fail(f"{keep} holds the features of {kept.found} images from an interrupted call: continue it with "
+                 f"--resume, or delete the folder")
+        if kept.chunks and kept.differ():
+            fail(f"--resume: the features in {keep} were computed with other settings ("
+                 + ", ".join(f"{k} {(kept.old or {}).get(k)!r}, here {settings[k]!r}" for k in kept.differ())
+                 + "): give the ones they were computed with, or delete the folder")
+        _, done = kept.start(bs, len(files))
         try:
-            for x in tqdm(batches, total=-(-(len(files) - done) // bs), desc=desc + (f" (from {done})" if done else "")):
-                pending.append(extractor(x))
-                if time.time() - last >= every:
-                    flush()
+            for x in tqdm(read_images(files[done:], bs), total=-(-(len(files) - done) // bs),
+                          desc=desc + (f" (from {done})" if done else "")):
+                kept.add(extractor(x), len(x))
         except KeyboardInterrupt:
-            flush()  # Ctrl-C loses nothing computed; a kill, at most `every` seconds of it
-            fail(f"interrupted; the features of {done} of {len(files)} images are kept in {keep}: run the same "
-                 f"command with --resume to continue")
-        flush()
-    return torch.cat(feats)
-
-
-def chunk_end(name):
-    """The number of images kept up to a chunk of kept_features, from its name."""
-    return int(name[:-3].split("-")[1])
+            kept.flush()  # Ctrl-C loses nothing computed; a kill, at most `every` seconds of it
+            fail(f"interrupted; the features of {kept.done} of {len(files)} images are kept in {keep}: run the "
+                 f"same command with --resume to continue")
+        kept.flush()
+        return torch.cat(kept.parts)
 
 
 def gaussian_stats(feats):

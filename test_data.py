@@ -156,6 +156,9 @@ def test_train_vae_by_default_keeps_a_short_run_resumable(assets, tmp_path, monk
         pass
 
     class KillAtStep7(train_vae.tqdm):  # the bar is updated once per optimizer step
+        def __init__(self, *a, **k):
+            super().__init__(*a, **dict(k, disable=False))  # (a disabled bar counts nothing: TQDM_DISABLE=1)
+
         def update(self, n=1):
             super().update(n)
             if self.n == 7:
@@ -236,6 +239,38 @@ def test_first_runs_side_by_side_share_one_encoding(assets, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(list((tmp_path / "runs").glob("latents-*.pt"))) == 1
     assert not list((tmp_path / "runs").glob("*.tmp"))
+
+
+def test_a_killed_encoding_is_continued_by_the_next_run(assets, tmp_path, monkeypatch):
+    """The latents are kept as they come: a run stopped in its 3rd batch of encoding leaves two, the
+    next run encodes only the rest, and the cache equals one encoding's to the last bit."""
+    images = tmp_path / "data"
+    write_pngs(images, per_class=70)  # 210 images: batches of 64, 64, 64, 18
+    calls = []
+    real = data.encode_latents
+
+    def counted(vae, x, *a, **k):
+        calls.append(len(x))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(vae, x, *a, **k)
+    monkeypatch.setattr(data, "encode_latents", counted)
+    args = lambda run: [str(images) if a == str(assets / "data") else a for a in train_args(assets, run, "--steps", "1")]  # noqa: E731
+    stop_at = 5  # the 3rd batch's first view
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train.main(args(tmp_path / "a" / "r1"))
+    (parts,) = (tmp_path / "a").glob("latents-*.parts")
+    assert sorted(p.name for p in parts.glob("*.pt")) == ["000000000-000000128.pt"]
+    stop_at, calls[:] = None, []
+    train.main(args(tmp_path / "a" / "r2"))
+    assert calls == [64, 64, 18, 18], calls  # the 3rd and 4th batches, both flips of each
+    assert not parts.exists()
+    calls[:] = []
+    train.main(args(tmp_path / "b" / "r"))  # one encoding, elsewhere
+    assert calls == [64, 64] * 3 + [18, 18]
+    (c1,), (c2,) = (tmp_path / "a").glob("latents-*.pt"), (tmp_path / "b").glob("latents-*.pt")
+    one, two = torch.load(c1), torch.load(c2)
+    assert torch.equal(one["z"], two["z"]) and torch.equal(one["y"], two["y"]) and one["key"] == two["key"]
 
 
 def test_bad_caches_and_half_written_logs_are_recovered(assets, tmp_path, capsys):
