@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from cli import fail
+from cli import atomic_path, fail
 
 
 CKPT_KEYS = ("args", "model_config", "step", "model", "ema", "opt", "classes", "latent_shape", "rng")
@@ -102,7 +102,6 @@ class Kept:
     def start(self, batch_size, total, keep_old=True):
         """Read the chunks back (keep_old) or drop them, and record this call's settings; returns the
         kept parts and the first item to compute (a whole number of batches)."""
-        from cli import atomic_path
         if not keep_old:
             for c in self.chunks:
                 os.remove(os.path.join(self.keep, c))
@@ -126,7 +125,6 @@ class Kept:
             self.flush()
 
     def flush(self):
-        from cli import atomic_path
         if not self.pending:
             return
         parts = [p for p, _ in self.pending]
