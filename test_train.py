@@ -386,7 +386,8 @@ def test_bad_sample_input_is_one_line_before_sampling(assets, tmp_path):
 
 def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(assets, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of a batch, then --resume: the PNGs, the FID and the spectrum error are
-    those of one uninterrupted call, and only the batches not written whole are drawn again."""
+    those of one uninterrupted call, only the batches not written whole are drawn again, and the FID
+    features of those written are not computed again (kept in FEATURES)."""
     ckpt = str(assets / "runs" / "pre" / "ckpt.pt")
     torch.jit.script(_ColourMeans()).save(str(tmp_path / "net.pt"))
     monkeypatch.setattr(fid, "inception_path", lambda: str(tmp_path / "net.pt"))
@@ -409,7 +410,8 @@ def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(asse
     monkeypatch.setattr(sample, "save_image", cut)
     assert "--resume" in one_line_error(sample.main, [*args, "--out-dir", str(out)])
     monkeypatch.setattr(sample, "save_image", save)
-    assert sorted(os.listdir(out)) == [sample.MANIFEST, "000000.png", "000001.png", "000002.png"]
+    assert sorted(os.listdir(out)) == [sample.FEATURES, sample.MANIFEST, "000000.png", "000001.png", "000002.png"]
+    assert sorted(os.listdir(out / sample.FEATURES)) == ["000000000-000000002.pt", "settings.json"]  # batch 0's
     msg = one_line_error(sample.main, [*args, "--out-dir", str(out)])  # without --resume: never mixed
     assert "is not empty" in msg and "--resume" in msg
     (out / "000003.tmp-999.png").write_bytes(b"half")  # what a SIGKILL leaves of a write (cli.atomic_path's name)
@@ -422,16 +424,23 @@ def test_interrupted_sampling_resumes_to_the_samples_and_scores_of_one_call(asse
     generate, drawn = sample.generate, []
     monkeypatch.setattr(sample, "generate", lambda model, paradigm, y, *a, **k: drawn.append(len(y)) or generate(
         model, paradigm, y, *a, **k))
+    features, measured = fid.InceptionFeatures.__call__, []
+    monkeypatch.setattr(fid.InceptionFeatures, "__call__", lambda self, x, *a, **k: measured.append(len(x)) or features(
+        self, x, *a, **k))
     capsys.readouterr()
     sample.main([*args, "--out-dir", str(out), "--resume"])
     assert scores(capsys.readouterr().out) == whole
     assert drawn == [2, 2, 1]  # batches 1-3 (samples 2-6), not batch 0
+    assert measured == [2, 2, 1]  # and batch 0's FID features read back from FEATURES, not computed
     for i in range(7):
         assert (out / f"{i:06d}.png").read_bytes() == (tmp_path / "whole" / f"{i:06d}.png").read_bytes(), i
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))  # the cut write gone, no lock left
-    drawn.clear()
+    drawn.clear(), measured.clear()
     sample.main([*args, "--out-dir", str(out), "--resume"])  # a finished folder: scored again, nothing drawn
-    assert drawn == [] and scores(capsys.readouterr().out) == whole
+    assert drawn == [] and measured == [] and scores(capsys.readouterr().out) == whole
+    shutil.rmtree(out / sample.FEATURES)  # (features lost, or a folder from before they were kept): read back
+    sample.main([*args, "--out-dir", str(out), "--resume"])
+    assert drawn == [] and measured == [2, 2, 2, 1] and scores(capsys.readouterr().out) == whole
     sample.main([*args[:-3], "--out-dir", str(tmp_path / "new"), "--resume"])  # a new folder: a plain call
     assert len(drawn) == 4 and len(os.listdir(tmp_path / "new")) == 8
 
