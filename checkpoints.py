@@ -69,10 +69,12 @@ class Kept:
     """A long loop's results kept as they come, so that a killed call, run again, computes only what no
     chunk holds (the FID reference's features, the latent cache's latents). In the folder `keep`:
     settings.json (what the results depend on) and chunks NNNNNNNNN-MMMMMMMMM.pt (items N to M, whole
-    batches, written whole or not at all): one every `every` seconds, and one by flush() (on Ctrl-C).
-    A SIGKILL loses at most `every` seconds of work. Used as a context manager: one writer (a lock)."""
+    batches, written whole or not at all): one at the first batch `every` seconds after the last, and
+    one by flush() (on Ctrl-C). A SIGKILL loses what the batches since the last chunk computed: less
+    than `every` seconds plus one batch. Chunks are only appended, so a short `every` costs files, not
+    rewrites. Used as a context manager: one writer (a lock)."""
 
-    def __init__(self, keep, settings, every=60.0, who="call"):
+    def __init__(self, keep, settings, every=20.0, who="call"):
         self.keep, self.settings, self.every, self.who = keep, settings, every, who
         self.parts, self.pending, self.done, self.last = [], [], 0, 0.0
 

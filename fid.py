@@ -128,7 +128,7 @@ def stats_settings(files, extractor, batch_size=100):
                 device=str(extractor.device), batch_size=batch_size)
 
 
-def kept_features(files, extractor, keep, settings, resume, every=60.0, desc="FID features"):
+def kept_features(files, extractor, keep, settings, resume, every=20.0, desc="FID features"):
     """features_of_files for a long call (50,000 images take hours on a CPU), keeping what it computes
     in the folder `keep` as it goes (checkpoints.Kept). With resume, a killed call's features are read
     back and only the batches none holds are computed, in the same batches: the features equal one
@@ -151,7 +151,7 @@ def kept_features(files, extractor, keep, settings, resume, every=60.0, desc="FI
                           desc=desc + (f" (from {done})" if done else "")):
                 kept.add(extractor(x), len(x))
         except KeyboardInterrupt:
-            kept.flush()  # Ctrl-C loses nothing computed; a kill, at most `every` seconds of it
+            kept.flush()  # Ctrl-C loses nothing computed; a kill, the batches since the last chunk
             fail(f"interrupted; the features of {kept.done} of {len(files)} images are kept in {keep}: run the "
                  f"same command with --resume to continue")
         kept.flush()
