@@ -1,6 +1,7 @@
 """Run folders and checkpoints: a checkpoint describes its run (arguments, model config, classes,
 latent shape, random state), is written whole or not at all (data.atomic_save) and read back with a
-one-line error; a run folder (a sample folder) is locked by the one train.py (sample.py) writing to it."""
+one-line error; a run folder (a sample folder) is locked by the one train.py (sample.py) writing to it.
+Kept: a long loop's results kept as they come (FID features, the latent cache), continued after a kill."""
 import contextlib
 import fcntl
 import hashlib
