@@ -177,15 +177,16 @@ class Driver:
     def units_kept(self, stage):
         """(k, noun): the units a resumable stage's scratch holds so far: a score's PNGs (sample.py writes
         each atomically), the reference's images with features kept (fid.kept_features' chunks)."""
-        with contextlib.suppress(OSError):
+        noun = {"score": "samples", "ref": "images"}.get(stage.kind, "units")
+        with contextlib.suppress(OSError):  # (nothing written yet: 0)
             if stage.kind == "score":
                 names = os.listdir(self.paths.fill(stage.artifact))
-                return sum(f.endswith(".png") and ".tmp-" not in f for f in names), "samples"
+                return sum(f.endswith(".png") and ".tmp-" not in f for f in names), noun
             if stage.kind == "ref":
                 names = os.listdir(self.paths.fill(stage.scratch[1]))  # chunks N-M.pt: images N to M
                 return max((int(f[:-3].split("-")[1]) for f in names if f.endswith(".pt") and ".tmp-" not in f),
-                           default=0), "images"
-        return 0, "units"
+                           default=0), noun
+        return 0, noun
 
     def plan(self):
         need = self.needed()

@@ -317,6 +317,7 @@ def test_a_killed_reference_continues_its_features(tmp_path):
     driver = protocol.Driver(cfg, plan.Paths(str(tmp_path / "runs"), str(tmp_path / "results"), None), 1,
                              out=lambda *a: None)
     stage = driver.by_name["reference"]
+    assert driver.progress(dict(stage=stage, start=time.time())).startswith(f"reference (image 0/{stage.units}, ")
     keep = driver.paths.fill(stage.scratch[1])
     os.makedirs(keep)
     for chunk in ("000000000-000000010.pt", "000000010-000000030.pt", "000000030-000000040.tmp-7.pt"):
