@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 
+from checkpoints import Kept
 from cli import atomic_path, fail
 from data import load_rgb
 
@@ -135,7 +136,6 @@ def kept_features(files, extractor, keep, settings, resume, every=20.0, desc="FI
     call's. Features of other settings are refused, and so are kept features without resume (nothing
     computed is thrown away in silence)."""
     from tqdm import tqdm
-    from checkpoints import Kept
     bs = settings["batch_size"]
     with Kept(keep, settings, every) as kept:
         if kept.chunks and not resume:
