@@ -111,8 +111,8 @@ class Kept:
         return [k for k in self.settings if (self.old or {}).get(k) != self.settings[k]]
 
     def start(self, batch_size, total, keep_old=True):
-        """Read the chunks back (keep_old) or drop them, and record this call's settings; returns the
-        kept parts and the first item to compute (a whole number of batches)."""
+        """Read the chunks back into `parts` (keep_old) or drop them, and record this call's settings;
+        returns the first item to compute (a whole number of batches)."""
         if not keep_old:
             for c in self.chunks:
                 os.remove(os.path.join(self.keep, c))
@@ -127,7 +127,7 @@ class Kept:
             self.parts.append(torch.load(os.path.join(self.keep, c)))
             self.done = end
         self.last = time.time()
-        return self.parts, self.done
+        return self.done
 
     def add(self, part, n):
         """The result of the next n items; a chunk is written when `every` seconds have passed."""

@@ -243,7 +243,7 @@ def encode_dataset(args, vae, device, ds, classes, cache, latent_shape):
         settings = dict(key=getattr(args, "latent_key", None), images=len(ds), classes=classes,
                         latent_shape=list(latent_shape), batch_size=bs)
         with Kept(keep, settings, who="encoding of the dataset") as kept:
-            _, done = kept.start(bs, len(ds), keep_old=not kept.differ())  # (another key's are dropped)
+            done = kept.start(bs, len(ds), keep_old=not kept.differ())  # (another key's are dropped)
             if done:
                 tqdm.write(f"the latent cache: continuing the encoding from image {done} of {len(ds)} ({keep})")
             rest = torch.utils.data.Subset(ds, range(done, len(ds)))

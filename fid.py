@@ -117,16 +117,17 @@ def features_of_files(files, extractor, batch_size=100, desc="FID features"):
                                                  desc=desc)])
 
 
-def stats_settings(files, extractor, batch_size=100):
+def stats_settings(files, device, batch_size=100, network=None):
     """What the features of `files` depend on, recorded with them: the images (a digest of their paths,
-    sizes and modification times), the FID network, the device and the batching (a batch's features
-    are computed together, so a continued call keeps the same batches)."""
+    sizes and modification times), the FID network's file (default: the installed one; nothing is
+    loaded), the device and the batching (a batch's features are computed together, so a continued
+    call keeps the same batches)."""
     import hashlib
     import json
     digest = hashlib.sha1(json.dumps([[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
                                       for f in files]).encode()).hexdigest()[:16]
-    return dict(images=len(files), files_digest=digest, network=os.path.abspath(extractor.path),
-                device=str(extractor.device), batch_size=batch_size)
+    return dict(images=len(files), files_digest=digest, network=os.path.abspath(network or inception_path()),
+                device=str(device), batch_size=batch_size)
 
 
 def kept_features(files, extractor, keep, settings, resume, every=20.0, desc="FID features"):
@@ -145,7 +146,7 @@ def kept_features(files, extractor, keep, settings, resume, every=20.0, desc="FI
             fail(f"--resume: the features in {keep} were computed with other settings ("
                  + ", ".join(f"{k} {(kept.old or {}).get(k)!r}, here {settings[k]!r}" for k in kept.differ())
                  + "): give the ones they were computed with, or delete the folder")
-        _, done = kept.start(bs, len(files))
+        done = kept.start(bs, len(files))
         try:
             for x in tqdm(read_images(files[done:], bs), total=-(-(len(files) - done) // bs),
                           desc=desc + (f" (from {done})" if done else "")):
@@ -209,14 +210,6 @@ def stats_size(path):
         return tuple(int(v) for v in f["size"]) if "size" in f.files else None
 
 
-def fid_stats(source, extractor=None, n=None, seed=0):
-    """(μ, Σ) of a folder of images (n of them at random, or all) or of a statistics .npz."""
-    if source.endswith(".npz"):
-        return load_stats(source)
-    files = subset(image_files(source), n, seed)
-    return gaussian_stats(features_of_files(files, extractor or InceptionFeatures(), desc=f"FID features of {source}"))
-
-
 def cached_folder_stats(folder, extractor, cache_dir):
     """(μ, Σ) of all images of a folder, computed once: kept as fid-stats-<hash>.npz in cache_dir,
     keyed by the files' names, sizes and modification times (a changed folder is measured again); a
@@ -235,7 +228,8 @@ def cached_folder_stats(folder, extractor, cache_dir):
     if not os.access(cache_dir, os.W_OK):
         return gaussian_stats(features_of_files(files, extractor, desc=desc))
     keep = path[:-len(".npz")] + ".features"  # a killed call's features, continued by the next (same key)
-    mu, sigma = gaussian_stats(kept_features(files, extractor, keep, stats_settings(files, extractor), True, desc=desc))
+    settings = stats_settings(files, extractor.device, network=extractor.path)
+    mu, sigma = gaussian_stats(kept_features(files, extractor, keep, settings, True, desc=desc))
     with atomic_path(path) as tmp:
         np.savez(tmp, mu=mu, sigma=sigma)
     shutil.rmtree(keep)

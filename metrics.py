@@ -14,7 +14,9 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py inflation data/cifar10-png/test runs/l2/ckpt.pt runs/lpl/ckpt.pt   # ẑ0's scale under τ
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
+import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -34,12 +36,9 @@ def write_stats(folder, out, n, seed, device, resume):
     """`metrics.py stats`: the FID statistics of n images of a folder (all: None), with what they were
     computed from. The features are kept as they come (fid.kept_features), so an interrupted call
     continues with resume; a finished OUT of the same settings is kept as it is."""
-    import json
-    import shutil
     files = subset(image_files(folder), n, seed)
     size = tuple(next(read_images(files[:1])).shape[-2:])  # the images' size: compared with samples
-    extractor = InceptionFeatures(device=device)
-    settings = stats_settings(files, extractor, STATS_BATCH)
+    settings = stats_settings(files, device, STATS_BATCH)  # (before the network is loaded: a finished OUT needs none)
     keep = out[:-len(".npz")] + ".features"
     if os.path.exists(out):  # (with resume only: main refuses it otherwise)
         try:
@@ -53,6 +52,7 @@ def write_stats(folder, out, n, seed, device, resume):
         shutil.rmtree(keep, ignore_errors=True)  # (a kill between the last write and this clean-up leaves it)
         print(f"{out} already holds these statistics")
         return
+    extractor = InceptionFeatures(device=device)
     feats = kept_features(files, extractor, keep, settings, resume, desc=f"FID features of {folder}")
     mu, sigma = gaussian_stats(feats)
     with atomic_path(out) as tmp:  # a killed run leaves no half-written statistics

@@ -248,7 +248,7 @@ def build_stages(cfg):
     n_ref = cfg["reference"]["n"]
     add(Stage("reference", "ref", [["metrics.py", "stats", train_data, f"{{work}}/reference-{n_ref}.npz", "--n",
                                     str(n_ref)]], deps=data_dep, artifact=f"{{work}}/reference-{n_ref}.npz",
-              units=n_ref, rate="ref_image", resume="--resume",
+              units=n_ref, rate="ref_image", resume="--resume",  # scratch: the .npz, then its kept features (counted)
               scratch=(f"{{work}}/reference-{n_ref}.npz", f"{{work}}/reference-{n_ref}.features")))
 
     def score(name, run, deps):

@@ -228,7 +228,7 @@ def draw(args, held):
         for i in tqdm(range(0, n, args.batch_size), desc=f"sampling ({train_args['paradigm']})"):
             y = y_all[i:i + args.batch_size].to(device)
             noise = draw_noise(len(y), shape, gen)  # every batch's, so a resume draws the same
-            if i < start:  # written whole by the interrupted call: FID reads them back
+            if i < start:  # written whole by the interrupted call: read back (spectrum; FID where no chunk holds it)
                 if args.fid:
                     measure(next(fid.read_images([png_path(args.out_dir, j) for j in range(i, i + len(y))], len(y))), i)
                 continue

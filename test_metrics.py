@@ -89,7 +89,7 @@ def test_inception_features_feed_the_network_299px_in_tf_range(tmp_path):
     torch.testing.assert_close(out, torch.tensor([[127 / 128] * 3, [-1.0, 0.0, -1.0]], dtype=torch.float64))
     # and end to end on folders: FID of a folder against itself is 0
     write_pngs(tmp_path / "imgs", classes=("a",), per_class=5)
-    stats = fid.fid_stats(str(tmp_path / "imgs"), ext)
+    stats = fid.gaussian_stats(fid.features_of_files(fid.image_files(str(tmp_path / "imgs")), ext))
     assert abs(fid.frechet_distance(*stats, *stats)) < 1e-6
 
 
@@ -263,8 +263,10 @@ def test_fid_of_one_image_is_an_error_not_a_hang(tmp_path):
     ext = fid.InceptionFeatures(str(net))
     write_pngs(tmp_path / "one", classes=("a",), per_class=1)
     write_pngs(tmp_path / "many", classes=("a",), per_class=4)
-    assert "at least 2 images" in one_line_error(fid.fid_stats, str(tmp_path / "one"), ext)
-    mu, sigma = fid.fid_stats(str(tmp_path / "many"), ext)
+    def folder_stats(folder):
+        return fid.gaussian_stats(fid.features_of_files(fid.image_files(str(folder)), ext))
+    assert "at least 2 images" in one_line_error(folder_stats, tmp_path / "one")
+    mu, sigma = folder_stats(tmp_path / "many")
     assert "not finite" in one_line_error(fid.frechet_distance, mu, sigma * np.nan, mu, sigma)
     assert "differ in dimension" in one_line_error(fid.frechet_distance, mu, sigma, mu[:2], sigma[:2, :2])
 
@@ -310,7 +312,9 @@ def test_stats_killed_and_resumed_equal_one_call_and_compute_only_what_was_not_k
     assert all(np.array_equal(got[k], one[k]) for k in ("mu", "sigma", "size")) and not keep.exists()
     calls.clear()
     capsys.readouterr()
-    metrics.main(["stats", str(tmp_path / "imgs"), str(out), "--resume"])  # finished: checked, kept, nothing computed
+    with monkeypatch.context() as m:  # finished: checked, kept, nothing computed (the network not even loaded)
+        m.setattr(metrics, "InceptionFeatures", None)
+        metrics.main(["stats", str(tmp_path / "imgs"), str(out), "--resume"])
     assert "already holds these statistics" in capsys.readouterr().out and calls == []
     assert "exists" in one_line_error(metrics.main, ["stats", str(tmp_path / "imgs"), str(out)])
     assert "exists and holds the statistics of other" in one_line_error(
