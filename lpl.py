@@ -192,8 +192,13 @@ def kth_smallest(x, k):
 # the target's norm, without gradient (their default mode divides the prediction by its own norm,
 # with gradient). So detach_sigma=True by default; False differentiates σ̂ as written. It concerns
 # the shared σ̂ only: "separate" (Section 4.3) standardises each map by its own statistics, with
-# their gradients, as the paper describes it.
+# their gradients, as the paper describes it. "channel" is the authors' code's shared mode, after
+# LPIPS: at each position the feature vector over channels is divided by the *target's* norm there
+# (over the channels ρ keeps; a constant, no gradient), both maps alike.
 # ----------------------------------------------------------------------------------------------
+NORMALIZATIONS = ("shared", "separate", "channel")
+
+
 def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=True, eps=1e-6):
     """Per-channel Eq. 3 term ‖ρ ⊙ (ϕ' − ϕ̂')‖² / |ρ| for ϕ, ϕ̂ (B, C, H, W), rho bool -> (B, C)."""
     phi, phi_hat = phi.float().flatten(2), phi_hat.float().flatten(2)  # (B, C, N): fp32 under autocast
@@ -208,7 +213,10 @@ def layer_distance(phi, phi_hat, rho, normalization="shared", detach_sigma=True,
         mu, var = _masked_moments(phi, rho, n, eps)  # (B, C, 1), (B, C)
         diff = (phi - mu) / var.unsqueeze(-1).sqrt() - (phi_hat - mu_hat) / var_hat.unsqueeze(-1).sqrt()
         return (rho * diff).square().sum(-1) / n  # (B, C)
-    raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
+    if normalization == "channel":  # the authors' code: ϕ' − ϕ̂' = (ϕ − ϕ̂)/‖ρ ⊙ ϕ‖_c at each position
+        norm = (rho * phi.detach()).square().sum(1, keepdim=True).add(eps).sqrt()  # (B, 1, N)
+        return (rho * (phi - phi_hat) / norm).square().sum(-1) / n  # (B, C)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def _masked_moments(x, rho, n, eps):
@@ -355,7 +363,8 @@ class LatentPerceptualLoss(nn.Module):
     vae:             a diffusers autoencoder of a family in SUPPORTED, or any nn.Module with
                      taps, decode and latent_channels given (bring your own decoder).
     num_blocks:      decoder blocks tapped, first block first (Fig. 7); None = all (5 for SD VAEs).
-    normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3).
+    normalization:   "shared" (prediction's statistics, the paper's) | "separate" (Section 4.3) |
+                     "channel" (the authors' code: each position over channels, by the target's norm).
     detach_sigma:    the shared σ̂ as a constant (default; see layer_distance) or, False, differentiated.
     layer_weights:   "pow2" (ω_l = 2^(−r_l), the paper's) | "uniform" (Section 4.3).
     outliers:        mask outliers with Algorithm 1 (the paper's default) or not.
@@ -385,8 +394,8 @@ class LatentPerceptualLoss(nn.Module):
         if not 1 <= n <= len(taps):
             raise ValueError(f"num_blocks must be in 1..{len(taps)} for this {type(vae).__name__} "
                              f"({len(taps)} decoder blocks), got {num_blocks}")
-        if normalization not in ("shared", "separate"):
-            raise ValueError(f"normalization must be 'shared' or 'separate', got {normalization!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if grad_checkpointing:
             dec = getattr(vae, "decoder", None)
             if type(dec).__name__ not in ("Decoder", "MaskConditionDecoder"):

@@ -275,6 +275,49 @@ def test_layer_distance_value_and_gradient_equal_a_direct_computation(normalizat
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
 
 
+def test_channel_normalization_equals_a_direct_computation():
+    """normalization="channel" (the authors' code, after LPIPS): at each position the kept features
+    over channels are divided by the target's norm there; the mean over kept positions of each
+    channel's squared difference. Value and gradient against a loop; no gradient reaches ϕ, and the
+    prediction's own scale does not enter the divisor (unlike "shared")."""
+    torch.manual_seed(0)
+    phi = (torch.randn(2, 3, 5, 5) * 3 + 1).requires_grad_()
+    phi_hat = (phi.detach() + torch.randn(2, 3, 5, 5)).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rho = torch.rand(2, 3, 5, 5) > 0.2
+    ref = torch.zeros(2, 3)
+    for b in range(2):
+        for c in range(3):
+            terms = []
+            for i in range(5):
+                for j in range(5):
+                    if rho[b, c, i, j]:
+                        kept = phi.detach()[b, :, i, j][rho[b, :, i, j]]  # the target's kept channels here
+                        norm = (kept.square().sum() + 1e-6).sqrt()
+                        terms.append(((phi[b, c, i, j] - phi_hat[b, c, i, j]) / norm) ** 2)
+            ref[b, c] = torch.stack(terms).mean()
+    (g_ref,) = torch.autograd.grad(ref.sum(), phi_hat)
+    d = layer_distance(phi, phi_hat, rho, "channel")
+    g, g_phi = torch.autograd.grad(d.sum(), [phi_hat, phi])
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-8)
+    # ϕ's own gradient is that of the difference only: the divisor is a constant
+    torch.testing.assert_close(g_phi, -g, rtol=1e-5, atol=1e-8)
+    assert torch.equal(layer_distance(phi, phi.detach().clone(), rho, "channel"), torch.zeros(2, 3))
+
+
+def test_channel_normalization_through_the_loss():
+    """The constructor takes it, an exact prediction gives exact zeros, and it differs from "shared"."""
+    vae = tiny_vae(blocks=3)
+    torch.manual_seed(2)
+    z0, z0_hat = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    lpl = LatentPerceptualLoss(vae, normalization="channel")
+    exact = z0.clone().requires_grad_()
+    loss = lpl(exact, z0)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros(2)) and torch.equal(exact.grad, torch.zeros_like(z0))
+    assert not torch.allclose(lpl(z0_hat, z0), LatentPerceptualLoss(vae)(z0_hat, z0), rtol=1e-2)
+
+
 def test_layer_weights_of_sd_like_vae():
     lpl = LatentPerceptualLoss(tiny_vae(blocks=4))  # 4 levels like SD: mid, up0..up3
     assert lpl.layer_weights == [1.0, 0.5, 0.25, 0.125, 0.125]
