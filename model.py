@@ -77,16 +77,26 @@ def draw_noise(n, latent_shape, generator=None):
 
 @torch.inference_mode()
 def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, generator=None, cas=None, cas_ema=True,
-             noise=None):
+             noise=None, model_low=None, switch=0.0):
     """Latents for labels y from `noise` (drawn from `generator` when not given): DDIM (eta 0) for eps
     and v, Euler from t = 1 to 0 for flow. With `cas` (a Cas-DM run's ϕ), each DDIM step is mixed with
-    the step from ϕ's x'0 (comparisons.cas_step)."""
+    the step from ϕ's x'0 (comparisons.cas_step). With `model_low`, the steps taken at σ_t/α_t <=
+    `switch` call model_low instead of model (where along sampling a model's effect lies)."""
     dev = y.device
     z = (draw_noise(len(y), latent_shape, generator) if noise is None else noise).to(dev)
     y_in = torch.cat([y, torch.full_like(y, num_classes)])  # conditional, then the null class
+    sched = None if paradigm == "flow" else ddpm_scheduler(paradigm)
+
+    def ratio(t):  # σ_t/α_t of the model's time t (flow: t/1000 = σ, α = 1 − σ; ∞ at pure noise)
+        if paradigm == "flow":
+            s = float(t) / 1000
+            return s / (1 - s) if s < 1 else math.inf
+        abar = float(sched.alphas_cumprod[int(t)])
+        return math.sqrt((1 - abar) / abar) if abar > 0 else math.inf
 
     def D(z, t):  # classifier-free guidance (Ho & Salimans)
-        out = model(torch.cat([z, z]), timestep=t.expand(2 * len(z)), class_labels=y_in).sample
+        net = model_low if model_low is not None and ratio(t) <= switch else model
+        out = net(torch.cat([z, z]), timestep=t.expand(2 * len(z)), class_labels=y_in).sample
         cond, uncond = out.chunk(2)
         return uncond + cfg * (cond - uncond)
 
@@ -95,7 +105,6 @@ def generate(model, paradigm, y, num_classes, latent_shape, steps=50, cfg=1.5, g
         for t, t_next in zip(ts[:-1], ts[1:]):
             z = z + (t_next - t) * D(z, t * 1000)  # dz/dt = ε − z0
         return z
-    sched = ddpm_scheduler(paradigm)
     sched.set_timesteps(steps)
     if cas is not None:
         # Cas-DM's Eq. 16 is a DDIM step from x'0: the same schedule, the output read as the clean sample

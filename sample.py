@@ -13,6 +13,7 @@ An interrupted --out-dir call continues with --resume: the samples are those one
 and the FID features of those written are not computed again (kept in OUT_DIR/.fid-features/ until
 the call ends).
 """
+import argparse
 import contextlib
 import json
 import os
@@ -52,6 +53,11 @@ def get_args(argv=None):
     a("--steps", type=Int(1, 1000), default=50, help="DDIM / Euler steps")
     a("--seed", type=SEED, default=0, help="seeds the initial noise")
     a("--batch-size", type=Int(1, 65536), default=250, help="samples per model call")
+    a("--ckpt-low", default=None, type=Path("file"), help="a second checkpoint of the same model, data and VAE "
+      "that takes the sampling steps at σ_t/α_t <= --switch (the others stay --ckpt's): where along sampling a "
+      "model's effect lies (default: none)")
+    a("--switch", type=Float(0, 1e6), default=None, help="the noise level σ_t/α_t at and below which --ckpt-low "
+      "samples (flow: the same ratio t / (1 - t)); 0: --ckpt throughout (default: none; required with --ckpt-low)")
     a("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
     a("--resume", action="store_true", help="continue an interrupted --out-dir call with the same settings, where it "
       "stopped (an empty or new --out-dir starts from the first sample)")
@@ -61,12 +67,16 @@ def get_args(argv=None):
     a("--vae", default=None, type=Path("dir", hub=True), help="override the checkpoint's VAE, e.g. a local copy (default: the checkpoint's)")
     a("--device", default=None, type=DEVICE, help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
-    requires(args, explicit_dests(p, argv if argv is not None else sys.argv[1:]), REQUIRES)
+    requires(argparse.Namespace(**dict(vars(args), ckpt_low="given" if args.ckpt_low else None)),
+             explicit_dests(p, argv if argv is not None else sys.argv[1:]), REQUIRES)
+    if args.ckpt_low and args.switch is None:
+        fail("--ckpt-low samples the steps at σ_t/α_t <= --switch: give --switch S")
     return args
 
 
 # Options that act only in one mode; given in the other they would be ignored in silence.
 REQUIRES = {"fid_ref": ("fid", {True}, "--fid"),
+            "switch": ("ckpt_low", {"given"}, "--ckpt-low"),
             **{k: ("out_dir", {None}, "a grid (no --out-dir)") for k in ("out", "per_class", "label_rows")}}
 
 
@@ -164,6 +174,20 @@ def draw(args, held):
                                ddpm_scheduler(train_args["paradigm"])).to(device)
     if not all(all_finite(m) for m in (model, *((cas.phi if args.no_ema else cas.ema,) if cas else ()))):
         fail(f"{args.ckpt} holds non-finite weights ({'model' if args.no_ema else 'EMA'}): it cannot sample")
+    model_low = None
+    if args.ckpt_low:  # B samples the low-noise steps: the same model, data and autoencoder as A
+        low = load_checkpoint(args.ckpt_low)
+        differ = [k for k in ("paradigm", "vae") if low["args"][k] != train_args[k]]
+        differ += [k for k in ("latent_shape", "classes", "model_config") if low[k] != ckpt[k]]
+        if differ:
+            fail(f"--ckpt-low {args.ckpt_low} differs from --ckpt {args.ckpt} in {', '.join(differ)}: the two must "
+                 f"be the same model on the same data and autoencoder")
+        if "cas" in ckpt or "cas" in low:
+            fail("--ckpt-low mixes two DiTs; a Cas-DM checkpoint samples with its ϕ in every step: sample it alone")
+        model_low = build_model(low["model_config"]).to(device).eval()
+        model_low.load_state_dict(low["model"] if args.no_ema else low["ema"])
+        if not all_finite(model_low):
+            fail(f"{args.ckpt_low} holds non-finite weights ({'model' if args.no_ema else 'EMA'}): it cannot sample")
     vae = load_vae(args.vae or train_args["vae"], device)
     channels = latent_geometry(vae)[0]
     if channels != ckpt["latent_shape"][0]:
@@ -193,9 +217,10 @@ def draw(args, held):
     start = 0  # the first sample to draw: past those an interrupted call wrote (--resume)
     if args.out_dir:
         # Everything the PNGs depend on: the weights that sample (not their file), and the settings.
-        settings = dict(weights=weights_digest(model, *((cas.phi if args.no_ema else cas.ema,) if cas else ()), vae),
+        settings = dict(weights=weights_digest(model, *((cas.phi if args.no_ema else cas.ema,) if cas else ()),
+                                               *((model_low,) if model_low else ()), vae),
                         n=n, classes=labels, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                        batch_size=args.batch_size, device=device.type)
+                        batch_size=args.batch_size, device=device.type, **({"switch": args.switch} if model_low else {}))
         try:  # created once the inputs are known to be good, before any sampling
             os.makedirs(args.out_dir, exist_ok=True)
         except OSError as e:
@@ -233,7 +258,7 @@ def draw(args, held):
                     measure(next(fid.read_images([png_path(args.out_dir, j) for j in range(i, i + len(y))], len(y))), i)
                 continue
             z = generate(model, train_args["paradigm"], y, K, shape, args.steps, args.cfg,
-                         cas=cas, cas_ema=not args.no_ema, noise=noise)
+                         cas=cas, cas_ema=not args.no_ema, noise=noise, model_low=model_low, switch=args.switch)
             if not z.isfinite().all():
                 fail(f"sampling gave non-finite latents at sample {i}: the model diverges under --cfg {args.cfg}")
             x = decode(vae, z).cpu()

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 import fid
 import sample
 import train
+from lpl import LatentPerceptualLoss
 from conftest import _ColourMeans, load, one_line_error, read_log, run_cli, train_args, write_pngs
 
 
@@ -239,6 +241,60 @@ def test_lpl_weight_calibration_leaves_the_run_as_with_that_weight_given(assets,
     train.main(train_args(assets, tmp_path / "given", *common, "--lpl-weight", repr(w)))
     for a, b in zip(read_log(tmp_path / "auto"), read_log(tmp_path / "given"), strict=True):
         assert a["loss_diff"] == b["loss_diff"] and a["loss_lpl"] == b["loss_lpl"]
+
+
+def test_lpl_weight_factor_scales_the_rule(assets, tmp_path):
+    """--lpl-weight-factor 0.5 halves the weight the one-fifth rule measures (the same calibration
+    batches), and is refused beside an explicit --lpl-weight."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    common = ("--init-from", pre, "--loss", "lpl", "--lpl-tau", "100", "--steps", "1")
+    train.main(train_args(assets, tmp_path / "rule", *common))
+    train.main(train_args(assets, tmp_path / "half", *common, "--lpl-weight-factor", "0.5"))
+    w, w_half = (load(tmp_path / r / "ckpt.pt")["args"]["lpl_weight"] for r in ("rule", "half"))
+    assert w_half == w * 0.5
+    assert "--lpl-weight-factor" in one_line_error(train.main, train_args(
+        assets, tmp_path / "both", *common, "--lpl-weight", "1", "--lpl-weight-factor", "0.5"))
+
+
+@pytest.mark.parametrize("loss", ["l2", "lpl"])
+def test_log_step_measurements_equal_a_direct_computation_and_change_no_bit(assets, tmp_path, monkeypatch, loss):
+    """At each log step an l2 run logs L_LPL of its ẑ0 (lpl_probe, no gradient) and an LPL run its
+    loss there with |∇L_LPL| / |∇L_Diff| and their cosine over the DiT's parameters. (1) Measuring at
+    every step leaves the weights bit-equal to measuring at the last step only; (2) the values equal
+    batch_loss and two separate autograd.grad calls on the model before the step, on its batch."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    common = ["--init-from", pre, "--loss", loss] + (["--lpl-weight", "0.5", "--lpl-tau", "100"] if loss == "lpl" else [])
+    runs, fit, batches, draw = [], train.Run.fit, [], train.Run.draw
+    monkeypatch.setattr(train.Run, "fit", lambda self: (runs.append(self), fit(self))[1])
+    train.main(train_args(assets, tmp_path / "two", "--steps", "2", *common))
+    monkeypatch.setattr(train.Run, "draw", lambda self, step, gen=None: batches.append(draw(self, step, gen)) or batches[-1])
+    train.main(train_args(assets, tmp_path / "every", "--steps", "3", *common))  # --log-every 1
+    monkeypatch.setattr(train.Run, "draw", draw)
+    train.main(train_args(assets, tmp_path / "last", "--steps", "3", *common, "--log-every", "3"))
+    a, b = load(tmp_path / "every" / "ckpt.pt"), load(tmp_path / "last" / "ckpt.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = read_log(tmp_path / "every")
+    assert all("lpl_probe" in r and ("lpl_grad_ratio" in r) == (loss == "lpl") for r in rows)
+    assert read_log(tmp_path / "last")[-1]["lpl_probe"] == rows[-1]["lpl_probe"]
+
+    run = runs[0]  # after 2 steps: its model is the one step 3 starts from
+    z0, y, alpha, sigma, t_model, eps, _ = batches[-1]  # step 3's batch (the global random stream's draws)
+    z_t = alpha.view(-1, 1, 1, 1) * z0 + sigma.view(-1, 1, 1, 1) * eps
+    out = run.model(z_t, timestep=t_model, class_labels=y).sample.float()
+    lpl = LatentPerceptualLoss(run.vae)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the toy autoencoder's latents are far from unit scale)
+        l_lpl = lpl.batch_loss(out, z_t, z0, alpha, sigma, "eps", tau=100.0 if loss == "lpl" else 4.0)
+    assert math.isclose(rows[-1]["lpl_probe"], l_lpl.item(), rel_tol=1e-5)
+    if loss == "lpl":
+        params = list(run.model.parameters())
+        flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])  # noqa: E731
+        g_lpl = flat(torch.autograd.grad(l_lpl, params, retain_graph=True, allow_unused=True))
+        g_diff = flat(torch.autograd.grad(F.mse_loss(out, eps), params, allow_unused=True))
+        assert math.isclose(rows[-1]["lpl_grad_ratio"], (g_lpl.norm() / g_diff.norm()).item(), rel_tol=1e-4)
+        assert math.isclose(rows[-1]["lpl_grad_cos"], F.cosine_similarity(g_lpl, g_diff, dim=0).item(),
+                            rel_tol=1e-3, abs_tol=1e-5)
 
 
 def test_init_from_checks_what_the_checkpoint_was_trained_on(assets, tmp_path):
@@ -649,3 +705,65 @@ def test_post_training_at_a_higher_resolution_carries_every_weight_and_scales_ta
     msg = one_line_error(train.main, ["--init-from", str(assets / "runs" / "pre" / "ckpt.pt"), "--vae",
                                       str(assets / "vae8"), "--run-dir", str(tmp_path / "c8"), "--steps", "1"])
     assert "use the same VAE" in msg
+
+
+@pytest.mark.parametrize("paradigm", ["eps", "v", "flow"])
+def test_switching_models_along_sampling_has_its_exact_properties(paradigm):
+    """generate(A, model_low=B, switch=S): B = A gives A's latents bit for bit; S = 0 gives A's; S above
+    every finite σ/α of the sampler gives B's (the first step of v and flow, at pure noise, σ/α = ∞,
+    stays A's); and B
+    takes exactly the steps at σ_t/α_t <= S (counted against the schedule, computed apart)."""
+    from model import build_model, ddpm_scheduler, generate
+    cfg = dict(train.MODELS["DiT-T/2"], in_channels=4, out_channels=4, sample_size=8, num_embeds_ada_norm=3)
+    torch.manual_seed(0)
+    A, B = build_model(cfg).eval(), build_model(cfg).eval()
+    with torch.no_grad():  # (a new DiT's output layer is zero: every model would predict the same)
+        for p in [*A.parameters(), *B.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    calls = {"A": [], "B": []}
+    for name, net in (("A", A), ("B", B)):
+        net.register_forward_hook(lambda m, args, kw, out, name=name: calls[name].append(float(kw["timestep"][0])),
+                                  with_kwargs=True)
+    y, steps = torch.tensor([0, 1, 2]), 10
+
+    def run(**kw):
+        return generate(A if kw.pop("a", True) else B, paradigm, y, 3, (4, 8, 8), steps, 1.5,
+                        generator=torch.Generator().manual_seed(1), **kw)
+    za, zb = run(), run(a=False)
+    assert torch.equal(run(model_low=A, switch=5.0), za)
+    assert torch.equal(run(model_low=B, switch=0.0), za)
+    if paradigm == "flow":
+        ratios = [t / (1 - t) for t in torch.linspace(1, 0, steps + 1)[:-1].tolist() if t < 1]
+    else:
+        sched = ddpm_scheduler(paradigm)
+        sched.set_timesteps(steps)
+        abar = sched.alphas_cumprod[sched.timesteps]
+        ratios = [math.sqrt((1 - a) / a) for a in abar.tolist() if a > 0]
+    calls["A"].clear(), calls["B"].clear()
+    z_top = run(model_low=B, switch=max(ratios) * 1.01)
+    if paradigm == "eps":
+        assert torch.equal(z_top, zb)
+    else:  # v (zero terminal SNR) and flow start at pure noise, σ/α = ∞: that one step stays A's
+        assert len(calls["A"]) == 1 and len(calls["B"]) == steps - 1 and not torch.equal(z_top, zb)
+    S = sorted(ratios)[3]  # the 4 lowest-noise steps go to B
+    calls["A"].clear(), calls["B"].clear()
+    z_mid = run(model_low=B, switch=S)
+    assert len(calls["B"]) == 4 and len(calls["A"]) == steps - 4
+    assert not torch.equal(z_mid, za) and not torch.equal(z_mid, zb)
+
+
+def test_sample_ckpt_low_on_the_command_line(assets, tmp_path):
+    """The same checkpoint as --ckpt-low writes the plain call's PNGs byte for byte; a checkpoint of
+    another model is refused in one line before sampling."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    sample.main(["--ckpt", pre, "--out-dir", str(tmp_path / "plain"), "--n", "4", "--steps", "3"])
+    sample.main(["--ckpt", pre, "--ckpt-low", pre, "--switch", "1", "--out-dir", str(tmp_path / "mixed"), "--n", "4",
+                 "--steps", "3"])
+    for f in sorted(os.listdir(tmp_path / "plain")):
+        if f.endswith(".png"):
+            assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "mixed" / f).read_bytes()
+    train.main(train_args(assets, tmp_path / "other", "--steps", "1", "--model", "DiT-XS/2"))
+    msg = one_line_error(sample.main, ["--ckpt", pre, "--ckpt-low", str(tmp_path / "other" / "ckpt.pt"), "--switch", "1",
+                                       "--out-dir", str(tmp_path / "x"), "--n", "2"])
+    assert "model_config" in msg and not (tmp_path / "x").exists()
+    assert "--switch" in one_line_error(sample.main, ["--ckpt", pre, "--ckpt-low", pre, "--out", str(tmp_path / "g.png")])

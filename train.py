@@ -32,7 +32,7 @@ from cli import (DEVICE, POSITIVE, RANK, SEED, SHARE, WORLD, Float, HelpFormatte
 from comparisons import CasDM, SelfPerceptual, min_snr_weights, rgb_loss
 from data import (atomic_save, cache_path, decode, encode_dataset, image_dataset, latent_geometry, load_vae,
                   looks_like_path)
-from lpl import LatentPerceptualLoss, lpl_mask, z0_from_prediction
+from lpl import NORMALIZATIONS, LatentPerceptualLoss, lpl_mask, z0_from_prediction
 from model import MODELS, build_model, ddpm_scheduler, drop_labels, generate, sample_t
 
 # w_LPL. The paper's rule (Section 4.3, Fig. 9): w_LPL = 3 "roughly corresponds to a fifth of the relative
@@ -86,14 +86,17 @@ def build_parser():
       "w_LPL·L_LPL = a fifth of the total loss, measured on the starting model over --lpl-calibration-batches "
       "batches before the first step and stored in the checkpoint (meant for post-training, the paper's use). "
       "Under --loss cas-dm: λ^metric, by the same rule a fifth of ϕ's loss")
+    a("--lpl-weight-factor", type=Float(0, 1e6, lo_open=True), default=1.0, help="multiplies the one-fifth rule's "
+      "w_LPL (0.5: half the rule's weight; Fig. 9 varies w); with --lpl-weight, give the weight itself")
     a("--lpl-calibration-batches", type=Int(1, 10000), default=10, help="batches that measure L_Diff and L_LPL for the "
       "default --lpl-weight (their own random draws: the run's batches are the same with any weight)")
     a("--lpl-tau", type=POSITIVE, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
       "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1); also selects --loss rgb's samples")
     a("--lpl-blocks", type=Int(1, 64), default=None, help="decoder blocks tapped, the first N in decoding order "
       "(Fig. 7); default: all")
-    a("--lpl-normalization", default="shared", choices=["shared", "separate"],
-      help="standardise both feature maps with the prediction's statistics, or each with its own (Sec. 4.3)")
+    a("--lpl-normalization", default="shared", choices=list(NORMALIZATIONS),
+      help="shared: both feature maps standardised by the prediction's statistics (Section 3.2); separate: each by "
+      "its own (Sec. 4.3); channel: each position's features over channels by the target's norm (the authors' code)")
     a("--lpl-detach-sigma", action=argparse.BooleanOptionalAction, default=True, help="treat the prediction's std "
       "σ̂ as a constant (no gradient through it; the loss's optimum is then unbiased, see lpl.layer_distance); "
       "--no-lpl-detach-sigma differentiates it")
@@ -152,6 +155,8 @@ def check_args(args):
     need(args.loss != "self-perceptual" or args.init_from or args.resume, "--loss self-perceptual needs "
          "--init-from CKPT: the pre-trained model is its frozen feature network (Lin & Yang)")
     need(not (args.init_from and args.resume), "--init-from starts a new run, --resume continues one: give one")
+    need(args.lpl_weight is None or args.lpl_weight_factor == 1, f"--lpl-weight-factor scales the one-fifth rule's "
+         f"w_LPL; with --lpl-weight {args.lpl_weight} give the weight you want (or drop --lpl-weight)")
     need(args.loss != "cas-dm" or WORLD == 1, "--loss cas-dm trains on one process: its ϕ is not wrapped for DDP; "
          "run it without torchrun")
 
@@ -159,7 +164,7 @@ def check_args(args):
 # Options that act only with another option's value; given without it they would be ignored in silence.
 REQUIRES = {
     **{k: ("loss", {"lpl", "cas-dm"}, "--loss lpl or cas-dm (--cas-metric lpl)") for k in (
-        "lpl_weight", "lpl_calibration_batches", "lpl_blocks", "lpl_normalization", "lpl_detach_sigma",
+        "lpl_weight", "lpl_weight_factor", "lpl_calibration_batches", "lpl_blocks", "lpl_normalization", "lpl_detach_sigma",
         "lpl_layer_weights", "lpl_no_outliers", "lpl_grad_checkpointing")},
     "lpl_tau": ("loss", {"lpl", "rgb", "cas-dm"}, "--loss lpl, rgb or cas-dm (--cas-metric lpl)"),
     **{k: ("loss", {"cas-dm", "cas-dm --cas-metric none"}, "--loss cas-dm") for k in ("cas_metric", "cas_width")},
@@ -319,12 +324,23 @@ def train(args, device, vae, lpl, ds, classes, cache, latent_shape, resume, init
     Run(args, device, vae, lpl, data, classes, cache, latent_shape, resume, init).fit()
 
 
+def _probe_loss(vae):
+    """LPL with its defaults, to read (an autoencoder it cannot read gives no probe, not an error)."""
+    try:
+        return LatentPerceptualLoss(vae)
+    except ValueError:
+        return None
+
+
 class Run:
     """One training run: everything a step needs, set up once (__init__); the parts of a step as
     methods (draw, losses, measure, update_ema); the loop itself in fit()."""
 
     def __init__(self, args, device, vae, lpl, data, classes, cache, latent_shape, resume, init):
         self.args, self.device, self.vae, self.lpl, self.cache = args, device, vae, lpl, cache
+        # L_LPL of the DiT's ẑ0 at log steps, without gradient, in a run that does not train on it (the
+        # run's τ and LPL settings), so that what LPL does to its own loss is measured in both arms
+        self.probe = lpl if lpl is not None or args.loss == "lpl" else _probe_loss(vae)
         self.classes, self.latent_shape, self.resume, self.init = classes, latent_shape, resume, init
         self.z_all, self.y_all = data["z"].to(device), data["y"].to(device)  # on the device once, not per batch
         self.N, self.num_classes = len(self.z_all), len(classes)
@@ -407,9 +423,10 @@ class Run:
         return z0, y, alpha, sigma, t_model, eps, tuple(t2)
 
     # ------------------------------------------------------------------ the losses of a step
-    def losses(self, z0, y, alpha, sigma, t_model, eps, t2):
+    def losses(self, z0, y, alpha, sigma, t_model, eps, t2, probe=False):
         """L_Diff, the added term (LPL, RGB or Self-Perceptual; 0 for l2), LPL's selection mask δ (None
-        when the loss has none) and the terms added unweighted (Cas-DM's ϕ: L^x0, L^μ) of one batch."""
+        when the loss has none) and the terms added unweighted (Cas-DM's ϕ: L^x0, L^μ) of one batch;
+        with probe, also E_batch[δ·L_LPL] of the DiT's ẑ0 (no gradient; the loss itself in an LPL run)."""
         args, lpl, cas = self.args, self.lpl, self.cas
         B = len(z0)
         a, s = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
@@ -435,7 +452,15 @@ class Run:
                     loss_aux = per_sample.sum() / B
             if self.sp is not None:  # Lin & Yang train with their objective alone
                 loss_aux = self.sp(out, z_t, z0, eps, alpha, sigma, y, t2).mean()
-        return loss_diff, loss_aux, m, extra
+            probed = None
+            if probe and args.loss == "lpl":
+                probed = loss_aux.detach()
+            elif probe and self.probe is not None:  # what LPL would be, on this batch: read, never trained
+                with torch.no_grad():
+                    mp = lpl_mask(alpha, sigma, args.lpl_tau, self.res_scale)  # (B,) bool
+                    probed = (self.probe(z0_from_prediction(out[mp], z_t[mp], alpha[mp], sigma[mp], args.paradigm),
+                                         z0[mp]).sum() / B if mp.any() else torch.zeros((), device=self.device))
+        return loss_diff, loss_aux, m, extra, probed
 
     def calibrate_lpl_weight(self):
         """The one-fifth rule, measured (Section 4.3): w_LPL·L_LPL = a fifth of L_Diff + w_LPL·L_LPL on
@@ -450,8 +475,11 @@ class Run:
         if not l_lpl > 0:
             fail(f"no sample fell under --lpl-tau {args.lpl_tau} in {args.lpl_calibration_batches} calibration "
                  f"batches, so the one-fifth rule cannot set w_LPL: raise --lpl-tau or give --lpl-weight")
-        args.lpl_weight = LPL_SHARE / (1 - LPL_SHARE) * l_diff / l_lpl  # w·L_LPL / (L_Diff + w·L_LPL) = 1/5
-        self.say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule: {'L^x0 + L^μ' if self.cas else 'L_Diff'} "
+        rule = LPL_SHARE / (1 - LPL_SHARE) * l_diff / l_lpl  # w·L_LPL / (L_Diff + w·L_LPL) = 1/5
+        args.lpl_weight = rule * args.lpl_weight_factor
+        self.say(f"w_LPL = {args.lpl_weight:.4g} by the one-fifth rule"
+                 + (f" ({rule:.4g}) x --lpl-weight-factor {args.lpl_weight_factor:g}" if args.lpl_weight_factor != 1 else "")
+                 + f": {'L^x0 + L^μ' if self.cas else 'L_Diff'} "
                  f"{l_diff / args.lpl_calibration_batches:.4g}, L_LPL {l_lpl / args.lpl_calibration_batches:.4g} on "
                  f"{args.lpl_calibration_batches} batches of the starting model")
 
@@ -467,6 +495,19 @@ class Run:
                  + (f", min-SNR-{args.min_snr_gamma:g} weights" if args.reweight == "min-snr" else "") + f", device {self.device}"
                  + (f", resumed at step {self.step}" if self.resume else f", from {args.init_from}" if self.init else "")
                  + (f", {WORLD} ranks x {args.batch_size // WORLD} samples" if WORLD > 1 else ""))
+
+    def lpl_gradient(self, loss_lpl):
+        """|∇L_LPL| / |∇L_Diff| and their cosine over the DiT's parameters, at a log step: one more
+        backward, of L_LPL alone (the step's graph is kept for it); ∇L_Diff is the step's gradient less
+        w·∇L_LPL, so the step itself, and its gradient, are what they are without the measurement."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # (no sample under τ on this rank: L_LPL is a constant 0; every rank still joins the mean)
+        g = torch.autograd.grad(loss_lpl, params, allow_unused=True) if loss_lpl.requires_grad else [None] * len(params)
+        g_lpl = mean_over_ranks(torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                           for gi, p in zip(g, params)]))  # (P,): the global batch's
+        g_diff = torch.cat([p.grad.flatten() for p in params]) - self.aux_weight * g_lpl  # (P,)
+        return dict(lpl_grad_ratio=(g_lpl.norm() / g_diff.norm()).item(),
+                    lpl_grad_cos=F.cosine_similarity(g_lpl, g_diff, dim=0).item())
 
     # ------------------------------------------------------------------ after the backward pass
     def measure(self, loss_diff, loss_aux, m, extra):
@@ -511,8 +552,9 @@ class Run:
                              **(dict(cas=cas.state_dict()) if cas else {})), self.ckpt_path)
         self.last_ckpt = self.step
 
-    def write_log(self, log, acc, decay, dt):
-        """One log.jsonl row: the means over the steps since the last row."""
+    def write_log(self, log, acc, decay, dt, measured):
+        """One log.jsonl row: the means over the steps since the last row, and what was measured on
+        the row's own step (measured: lpl_probe, and in an LPL run its gradient against L_Diff's)."""
         k, names = acc["n"], self.extra_names
         row = {"step": self.step, "loss_diff": acc["diff"] / k}
         if self.aux_name:  # the added term under its own name (for self-perceptual, the one optimised)
@@ -524,6 +566,7 @@ class Run:
             lpl = self.lpl is not None
             row.update({"lpl_share" if lpl else "aux_share": w_aux / (ref + w_aux), "lpl_frac": acc["frac"] / k,
                         "lpl_weight" if lpl else "rgb_weight": self.aux_weight})
+        row.update(measured)
         row.update(grad_norm=acc["gnorm"] / k, s_per_step=dt / k, lr=self.args.lr, ema_decay=decay)
         log.write(json.dumps(row) + "\n"), log.flush()
 
@@ -556,11 +599,19 @@ class Run:
         acc, t0 = new_acc(), time.time()
         self.model.train()
         while self.step < args.steps:  # one step: L_tot = L_Diff + w·L_LPL (Section 3.2), or a comparison's loss
-            loss_diff, loss_aux, m, extra = self.losses(*self.draw(self.step))
+            at_log = (self.step + 1) % args.log_every == 0 or self.step + 1 == args.steps
+            loss_diff, loss_aux, m, extra, probed = self.losses(*self.draw(self.step), probe=at_log)
             loss = loss_aux if self.sp is not None else loss_diff + sum(extra.values()) + self.aux_weight * loss_aux
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()  # (Cas-DM: θ's and ϕ's graphs are apart, so one backward gives each its own loss's gradient)
+            split = at_log and args.loss == "lpl"
+            loss.backward(retain_graph=split)  # (Cas-DM: θ's and ϕ's graphs are apart, so one backward gives each its own loss's gradient)
             l_diff, l_aux, frac, gnorm, *l_extra = self.measure(loss_diff, loss_aux, m, extra)
+            measured = {}
+            if at_log:
+                if probed is not None:
+                    measured["lpl_probe"] = mean_over_ranks(probed.detach().reshape(1)).item()
+                if split:
+                    measured.update(self.lpl_gradient(loss_aux))
             self.opt.step()
             decay = self.update_ema()
             self.step += 1
@@ -571,7 +622,7 @@ class Run:
             bar.set_postfix(L_diff=f"{l_diff:.4f}", **({self.aux_name.replace("loss_", "L_"): f"{l_aux:.4f}"} if self.aux_name else {}))
             if self.step % args.log_every == 0 or self.step == args.steps:
                 if log is not None:
-                    self.write_log(log, acc, decay, time.time() - t0)
+                    self.write_log(log, acc, decay, time.time() - t0, measured)
                 acc, t0 = new_acc(), time.time()
             if self.step % ckpt_every == 0 or self.step == args.steps:
                 if self.step == args.steps and RANK == 0:
