@@ -107,6 +107,34 @@ def plot_seeds(arms, path):
     plt.close(fig)
 
 
+def plot_denoise(deltas, baseline, path):
+    """metrics.py denoise's paired differences (metrics.denoise_deltas) against the noise level σ/α:
+    one panel per metric, a colour per training seed, a marker per arm; the zero line is the
+    baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = sorted({k for seeds in deltas.values() for lv in seeds.values() for r in lv.values() for k in r},
+                   key=["latent MSE", "L_LPL", "PSNR", "FID", "spectrum error"].index)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 0.6, 2.8), dpi=120, squeeze=False)
+    for ax, k in zip(axes[0], names):
+        for j, (arm, seeds) in enumerate(deltas.items()):
+            for s, levels in sorted(seeds.items()):
+                lv = sorted(levels)
+                ax.plot(lv, [levels[x][k] for x in lv], marker="os^vDP*"[j % 7], color=f"C{s % 10}", lw=0.8, ms=4,
+                        alpha=0.8, label=f"{arm}, seed {s}")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("σ/α")
+        ax.set_title(f"{k}{' %' if k in ('latent MSE', 'L_LPL') else ''} − {baseline}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(frameon=False, fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------ outlier maps (Fig. 13)
 def outlier_maps(vae, x, path, channels=4):
     """The paper's Fig. 13 for one image x (1, 3, H, W) uint8: encode it, decode it through the

@@ -14,7 +14,9 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py inflation data/cifar10-png/test runs/l2/ckpt.pt runs/lpl/ckpt.pt   # ẑ0's scale under τ
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
+import argparse
 import json
+import math
 import os
 import shutil
 
@@ -24,7 +26,7 @@ import torch
 from cli import atomic_path, entry, fail
 from fid import (IMAGE_EXTENSIONS, InceptionFeatures, features_of_files, frechet_distance, gaussian_stats,
                  image_files, kept_features, load_stats, read_images, stats_settings, subset)
-from figures import difference_image, outlier_maps, plot_curves, plot_seeds, plot_spectra
+from figures import difference_image, outlier_maps, plot_curves, plot_denoise, plot_seeds, plot_spectra
 
 
 
@@ -149,6 +151,112 @@ def inflation(model, paradigm, lpl, z0, y, tau, resolution_scale, seed=0, refine
     return slope, float(torch.stack(log_ratio).mean().exp())
 
 
+# ------------------------------------------------------------------------------ one-step denoising, held out
+DENOISE_LEVELS = (0.1, 0.25, 0.5, 1.0, 2.0)  # σ/α; at 8x8 latents LPL acts at σ/α <= 0.5 (τ = 4 scaled)
+DENOISE_METRICS = ("latent MSE", "L_LPL", "PSNR", "FID", "spectrum error")
+
+
+def level_time(paradigm, ratio, scheduler=None):
+    """(α, σ, the model's time) at noise level σ/α = ratio, on the model's own time grid: for eps
+    and v the integer DDPM step whose σ/α is nearest (the times it was trained at; the level
+    reported is that step's own), for flow the continuous t = r / (1 + r) (α = 1 − t, σ = t)."""
+    if paradigm == "flow":
+        t = ratio / (1 + ratio)
+        return 1 - t, t, t * 1000
+    abar = scheduler.alphas_cumprod.double()  # (1000,)
+    i = int(((1 - abar) / abar).sqrt().log().sub(math.log(ratio)).abs().argmin())
+    return abar[i].sqrt().item(), (1 - abar[i]).sqrt().item(), i
+
+
+def to_uint8(x):
+    """Images in [0, 1] -> uint8, rounded as save_image writes PNGs (what samples are scored as)."""
+    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def denoise(model, paradigm, vae, lpl, z0, y, levels, seed=0, extractor=None, ref=None, refine=None, batch=250):
+    """One-step estimates ẑ0 of held-out latents z0 (n, C, h, w), labels y, at each noise level σ/α:
+    {level: {"σ/α", "t", "latent MSE", "L_LPL", "PSNR", "FID", "spectrum error"}}. The noise ε is
+    drawn once from `seed` (the same for every level and every model measured: models are paired).
+    L_LPL: lpl(ẑ0, z0) of every sample (no δ), its mean. PSNR (dB), FID and the spectrum error
+    compare decode(ẑ0) with decode(z0), both as the uint8 images a PNG holds; ref is decode(z0)'s
+    (uint8 images, FID features or None, radial spectrum), computed once by denoise_reference.
+    refine(ẑ0, t) -> the estimate to measure instead (a Cas-DM run: ϕ's x'0)."""
+    from data import decode
+    from lpl import z0_from_prediction
+    from model import ddpm_scheduler
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))  # (n, C, h, w)
+    sched = None if paradigm == "flow" else ddpm_scheduler(paradigm)
+    x_ref, feats_ref, power_ref = ref
+    out = {}
+    for level in levels:
+        alpha, sigma, t = level_time(paradigm, level, sched)
+        mse = l_lpl = sq_err = 0.0
+        images = []
+        for zb, eb, yb in zip(z0.split(batch), eps.split(batch), y.split(batch)):
+            z_t = alpha * zb + sigma * eb  # (b, C, h, w)
+            t_b = torch.full((len(zb),), t, device=zb.device)  # (b,)
+            pred = model(z_t, timestep=t_b, class_labels=yb).sample.float()
+            z0_hat = z0_from_prediction(pred, z_t, alpha, sigma, paradigm)  # (b, C, h, w)
+            if refine is not None:
+                z0_hat = refine(z0_hat, t_b)
+            mse += (z0_hat - zb).square().sum().item()
+            l_lpl += lpl(z0_hat, zb).sum().item()
+            images.append(to_uint8(decode(vae, z0_hat)))  # (b, 3, H, W) uint8
+        x_hat = torch.cat(images)  # (n, 3, H, W)
+        sq_err = (x_hat.double() - x_ref.double()).div(255).square().mean().item()
+        row = {"σ/α": sigma / alpha, "t": t, "latent MSE": mse / z0.numel(), "L_LPL": l_lpl / len(z0),
+               "PSNR": 10 * math.log10(1 / max(sq_err, 1e-20)),
+               "spectrum error": spectrum_error(radial_power_spectrum(x_hat.double() / 255), power_ref)}
+        if extractor is not None:
+            row["FID"] = frechet_distance(*gaussian_stats(extractor(x_hat)), *gaussian_stats(feats_ref))
+        out[level] = row
+    return out
+
+
+@torch.no_grad()
+def denoise_reference(vae, z0, extractor=None, batch=250):
+    """decode(z0) as uint8 images, their FID features (None without an extractor) and spectrum."""
+    from data import decode
+    x = torch.cat([to_uint8(decode(vae, zb)) for zb in z0.split(batch)])  # (n, 3, H, W)
+    return x, (extractor(x) if extractor is not None else None), radial_power_spectrum(x.double() / 255)
+
+
+def format_denoise(rows, path):
+    """denoise()'s result as lines, one per level, that read_denoise reads back."""
+    lines = []
+    for level, r in rows.items():
+        lines.append(f"denoise σ/α {r['σ/α']:.4f} (level {level:g}, t {r['t']:g}): latent MSE {r['latent MSE']:.6f}, "
+                     f"L_LPL {r['L_LPL']:.6f}, PSNR {r['PSNR']:.4f} dB, "
+                     + (f"FID {r['FID']:.4f}, " if "FID" in r else "") + f"spectrum error {r['spectrum error']:.5f}  {path}")
+    return lines
+
+
+def read_denoise(path):
+    """{level: {metric: value}} from a file holding `metrics.py denoise`'s lines for one checkpoint,
+    or None where the file is not there."""
+    import re
+    if not os.path.exists(path):
+        return None
+    out, ckpts = {}, set()
+    for line in open(path):
+        m = re.match(r"denoise σ/α [\d.]+ \(level ([\d.]+), t [\d.]+\): (.*?)  (\S+)$", line.strip())
+        if not m:
+            continue
+        ckpts.add(m[3])
+        row = {}
+        for name in DENOISE_METRICS:
+            v = re.search(re.escape(name) + r" ([\d.]+)", m[2])
+            if v:
+                row[name] = float(v[1])
+        out[float(m[1])] = row
+    if len(ckpts) > 1:
+        fail(f"{path} holds metrics.py denoise's lines of {len(ckpts)} checkpoints: one file per checkpoint")
+    if not out:
+        fail(f"{path} holds no line of metrics.py denoise")
+    return out
+
+
 # ------------------------------------------------------------------------------ seed table
 def read_scores(path):
     """(FID, spectrum error or None) from a file holding the output of `sample.py --fid` (and of
@@ -252,6 +360,80 @@ def seed_table(arms, unscored=(), baseline=None):
     return rows + ([f"(not scored yet, left out: {', '.join(unscored)})"] if unscored else [])
 
 
+RELATIVE = ("latent MSE", "L_LPL")  # paired as a ratio (−1, in %); the others as differences
+
+
+def read_denoise_runs(runs):
+    """{arm: {seed: {level: {metric: value}}}} of run directories named ARM-sSEED, from each one's
+    denoise.txt (metrics.py denoise's lines); the runs without one are returned apart."""
+    import re
+    arms, missing = {}, []
+    for run in runs:
+        m = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(os.path.normpath(run)))
+        if not m or not os.path.isdir(run):
+            fail(f"{run!r} is not a run directory named ARM-sSEED (e.g. results/study/lpl-s0)")
+        rows = read_denoise(os.path.join(run, "denoise.txt"))
+        if rows is None:
+            missing.append(os.path.basename(os.path.normpath(run)))
+            continue
+        arms.setdefault(m[1], {})[int(m[2])] = rows
+    return arms, missing
+
+
+def denoise_deltas(arms, baseline):
+    """{arm: {seed: {level: {metric: paired difference}}}} against the baseline arm at the same seed
+    and level: latent MSE and L_LPL as a relative change (%), the others as differences."""
+    if baseline not in arms:
+        fail(f"--baseline {baseline!r} has no denoise.txt among the runs: {', '.join(arms) or 'none'}")
+    out = {}
+    for arm, seeds in arms.items():
+        if arm == baseline:
+            continue
+        for seed, levels in seeds.items():
+            base = arms[baseline].get(seed)
+            for level, row in (levels.items() if base else ()):
+                if level in base:
+                    out.setdefault(arm, {}).setdefault(seed, {})[level] = {
+                        k: 100 * (v / base[level][k] - 1) if k in RELATIVE else v - base[level][k]
+                        for k, v in row.items() if k in base[level]}
+    return out
+
+
+def denoise_table(arms, baseline, missing=()):
+    """Markdown rows: the baseline's values per level (mean ± std over seeds), then each arm's paired
+    differences from it (same seed: the same images and noise), per level."""
+    import statistics
+
+    def spread(values, digits, sign=""):
+        if not values:
+            return ""
+        if len(values) == 1:
+            return f"{values[0]:{sign}.{digits}f}"
+        return f"{statistics.mean(values):{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    deltas = denoise_deltas(arms, baseline)
+    metrics = [k for k in DENOISE_METRICS if any(k in r for s in arms[baseline].values() for r in s.values())]
+    digits = {"latent MSE": 4, "L_LPL": 4, "PSNR": 2, "FID": 2, "spectrum error": 4}
+    head = "| arm | seeds | σ/α | " + " | ".join(
+        f"{k}{' (dB)' if k == 'PSNR' else ''}, {baseline} / Δ{' %' if k in RELATIVE else ''}" for k in metrics) + " |"
+    rows = [head, "|" + "---|" * (3 + len(metrics))]
+    levels = sorted({lv for s in arms[baseline].values() for lv in s})
+    for arm in [baseline, *deltas]:
+        seeds = sorted(arms[baseline] if arm == baseline else deltas[arm])
+        for lv in levels:
+            src = ({s: arms[baseline][s].get(lv) for s in seeds} if arm == baseline else
+                   {s: deltas[arm][s].get(lv) for s in seeds})
+            src = {s: r for s, r in src.items() if r}
+            if not src:
+                continue
+            cells = []
+            for k in metrics:
+                v = [r[k] for r in src.values() if k in r]
+                cells.append(spread(v, digits[k] if arm == baseline else 2 if k in RELATIVE else digits[k],
+                                    "" if arm == baseline else "+"))
+            rows.append(f"| {arm} | {', '.join(map(str, sorted(src)))} | {lv:g} | " + " | ".join(cells) + " |")
+    return rows + ([f"(no denoise.txt, left out: {', '.join(missing)})"] if missing else [])
+
+
 # ------------------------------------------------------------------------------ the σ̂ bias, on a real decoder
 def sigma_bias(vae, z0, noise, detach_sigma, draws=16, steps=300, lr=0.02, seed=0):
     """What a model that minimises the expected LPL would output when part of z0 is unknowable.
@@ -286,6 +468,67 @@ def sigma_bias(vae, z0, noise, detach_sigma, draws=16, steps=300, lr=0.02, seed=
 
 
 # ------------------------------------------------------------------------------ command line
+def denoise_main(args):
+    """`metrics.py denoise`: every input checked (checkpoints, classes, images, levels) before the
+    autoencoder encodes anything; then one block of lines per checkpoint."""
+    from checkpoints import load_checkpoint
+    from data import encode_latents, load_vae
+    from lpl import LatentPerceptualLoss
+    from model import build_model
+    if len(set(args.levels)) != len(args.levels):
+        fail(f"--levels names a level twice: {' '.join(f'{v:g}' for v in args.levels)}")
+    ckpts = [(path, load_checkpoint(path)) for path in args.ckpts]
+    first = ckpts[0][1]
+    for path, ck in ckpts:
+        if (ck["args"]["vae"], ck["classes"]) != (first["args"]["vae"], first["classes"]):
+            fail(f"{path} was trained on another autoencoder or classes than {args.ckpts[0]}: measure them apart")
+    folder = args.data
+    if folder is None:
+        train_data = first["args"]["data"]
+        folder = os.path.join(os.path.dirname(os.path.normpath(train_data)), "test")
+        if not os.path.isdir(folder):
+            fail(f"no held-out images beside {args.ckpts[0]}'s training data {train_data!r} ({folder} does not "
+                 f"exist): give --data FOLDER")
+    files = image_files(folder)
+    if len(files) < args.n:
+        fail(f"{folder!r} holds {len(files)} images, fewer than --n {args.n}: lower --n or give a larger --data")
+    files = subset(files, args.n, args.seed)
+    names = [os.path.basename(os.path.dirname(f)) for f in files]
+    if not set(names) <= set(first["classes"]):
+        unknown = ", ".join(sorted(set(names) - set(first["classes"])))
+        fail(f"{folder!r} holds classes the checkpoints do not know ({unknown}): give a folder in the training "
+             f"data's ImageFolder layout")
+    size = first["args"]["image_size"]
+    shape = tuple(next(read_images(files[:1])).shape[-2:])
+    if shape != (size, size):
+        fail(f"the images of {folder!r} are {shape[0]}x{shape[1]}, the checkpoints were trained at {size}x{size}: "
+             f"give held-out images of the training size")
+    if args.fid:
+        from fid import inception_path
+        inception_path()  # the FID network is there, before any work
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    y = torch.tensor([first["classes"].index(c) for c in names], device=device)
+    vae = load_vae(first["args"]["vae"], device)
+    x = torch.cat(list(read_images(files))).to(device)  # (n, 3, H, W) uint8
+    with torch.no_grad():
+        z0 = torch.cat([encode_latents(vae, xb.float() / 127.5 - 1) for xb in x.split(250)])  # posterior means
+    lpl = LatentPerceptualLoss(vae)  # its defaults for every checkpoint: one yardstick
+    extractor = InceptionFeatures(device=str(device)) if args.fid else None
+    ref = denoise_reference(vae, z0, extractor)
+    for path, ck in ckpts:
+        model = build_model(ck["model_config"]).to(device).eval()
+        model.load_state_dict(ck["ema"])
+        refine = None
+        if "cas" in ck:  # Cas-DM: its LPL acts on ϕ's x'0 (the EMA, which samples)
+            from comparisons import CasDM
+            from model import ddpm_scheduler
+            cas = CasDM.from_state(ck["cas"], tuple(ck["latent_shape"]), ck["args"]["paradigm"],
+                                   ddpm_scheduler(ck["args"]["paradigm"])).to(device)
+            refine = lambda z0_hat, t: cas.refine(z0_hat, t, ema=True)[0]  # noqa: E731
+        rows = denoise(model, ck["args"]["paradigm"], vae, lpl, z0, y, args.levels, args.seed, extractor, ref, refine)
+        print("\n".join(format_denoise(rows, path)), flush=True)
+
+
 def main(argv=None):
     from cli import DEVICE, SEED, Float, HelpFormatter, Int, Name, Parser, Path
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
@@ -343,11 +586,28 @@ def main(argv=None):
     infl.add_argument("ckpts", nargs="+", type=Path("file"), help="train.py checkpoints on one autoencoder (EMA weights)")
     infl.add_argument("--n", type=Int(1, 100000), default=512, help="images, drawn at random, each at one time under τ")
     infl.add_argument("--seed", type=SEED, default=0, help="seeds the images, times and noise (the same for every checkpoint)")
+    de = sub.add_parser("denoise", formatter_class=HelpFormatter, help="what a model's one-step estimate ẑ0 is worth "
+                        "on held-out images at fixed noise levels: latent MSE, L_LPL, PSNR, FID and spectrum error of "
+                        "decode(ẑ0) against decode(z0); the same images and noise for every checkpoint (paired)")
+    de.add_argument("ckpts", nargs="+", type=Path("file"), help="train.py checkpoints on one autoencoder (EMA weights; "
+                    "a Cas-DM run's: ϕ's x'0)")
+    de.add_argument("--data", default=None, type=Path("dir"), help="held-out images in ImageFolder layout with the "
+                    "checkpoints' classes (default: the 'test' folder beside the checkpoints' training data)")
+    de.add_argument("--n", type=Int(2, 1000000), default=2000, help="images, a fixed draw (--seed); FID at this n")
+    de.add_argument("--levels", type=Float(0, 1e4, lo_open=True), nargs="+", default=list(DENOISE_LEVELS),
+                    help="noise levels σ/α (eps, v: the DDPM step nearest each; flow: exact)")
+    de.add_argument("--seed", type=SEED, default=0, help="seeds the draw of images and the noise")
+    de.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="also FID of decode(ẑ0) "
+                    "against decode(z0) at each level (the FID network on n images per level: most of the time)")
+    de.add_argument("--device", default=None, type=DEVICE, help="where the models run; default: cuda if there is one, else cpu")
     ta = sub.add_parser("table", formatter_class=HelpFormatter, help="mean ± std over training seeds of runs "
                         "named ARM-sSEED, each with log.jsonl and score.txt (sample.py --fid's output)")
     ta.add_argument("runs", nargs="+", type=Path("dir"), help="run directories, e.g. runs/p17/post-*")
     ta.add_argument("--baseline", default=None, type=Name(), help="an arm, e.g. post-l2: also each arm's difference from "
                     "it at the same training seed (default: none)")
+    ta.add_argument("--denoise", action="store_true", help="instead of the scores: each run's denoise.txt (metrics.py "
+                    "denoise) per noise level, the baseline's values and every arm's paired differences from it "
+                    "(needs --baseline; --plot: the differences against σ/α, a colour per seed)")
     ta.add_argument("--plot", default=None, metavar="PNG", type=Path("new-file", ext=(".png", ".pdf", ".svg")), help="also plot every run's FID and spectrum error, "
                     "the runs of one training seed joined (default: no plot)")
     cu = sub.add_parser("curves", formatter_class=HelpFormatter, help="plot train.py logs: losses and LPL's share; "
@@ -453,6 +713,16 @@ def main(argv=None):
                                      refine if cas else None)
             print(f"{'x′0' if cas else 'ẑ0'} / z0 {slope:.4f}, decoder feature std σ(ϕ̂)/σ(ϕ) {ratio:.4f}  {path} "
                   f"({len(z0)} samples under τ {a['lpl_tau']:g}{f', Cas-DM: ϕ(ẑ0), mean r_t {r_t[0]:.4f}' if cas else ''})")
+        return
+    if args.metric == "denoise":
+        return denoise_main(args)
+    if args.metric == "table" and args.denoise:
+        if args.baseline is None:
+            fail("--denoise pairs every arm with a baseline: give --baseline ARM")
+        arms, missing = read_denoise_runs(args.runs)
+        print("\n".join(denoise_table(arms, args.baseline, missing)))
+        if args.plot:
+            plot_denoise(denoise_deltas(arms, args.baseline), args.baseline, args.plot)
         return
     if args.metric == "table":
         arms, unscored = read_runs(args.runs)

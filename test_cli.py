@@ -89,11 +89,13 @@ def entry_points(s):
         "diff": [str(s / "one.png"), str(s / "one.png"), "--out", f"{out}/d.png"],
         "sigma-bias": [str(s / "images"), "--vae", str(s / "vae"), "--n", "4"],
         "inflation": [str(s / "images"), ckpt, "--n", "4"],
+        "denoise": [ckpt, "--data", str(s / "images"), "--n", "4"],
         "table": [str(s / "runs" / "l2-s0")],
         "curves": [str(s / "runs" / "l2-s0" / "log.jsonl"), "--out", f"{out}/c.png"],
     }
     stops = [(metrics, n) for n in ("InceptionFeatures", "outlier_maps", "sigma_bias", "inflation", "plot_curves",
-                                    "plot_seeds", "plot_spectra", "folder_spectrum", "seed_table")]
+                                    "plot_seeds", "plot_spectra", "folder_spectrum", "seed_table", "denoise_reference",
+                                    "denoise_table")]
     for cmd, argv in metric_argv.items():
         eps[f"metrics.py {cmd}"] = (metrics.main, subparser(metrics.main, cmd), [cmd, *argv], stops)
     return eps
@@ -192,10 +194,21 @@ def test_every_option_declares_what_it_accepts(sandbox):
                 f"{name} {action.option_strings or action.dest}: a plain {action.type} (use a checked type from cli.py)"
 
 
-@pytest.mark.parametrize("name", ["train.py", "sample.py", "train_vae.py", "bench.py", "data.py toy", "protocol.py",
-                                  "metrics.py fid", "metrics.py stats", "metrics.py spectrum", "metrics.py outliers",
-                                  "metrics.py diff", "metrics.py sigma-bias", "metrics.py inflation",
-                                  "metrics.py table", "metrics.py curves"])
+CONTRACT = ["train.py", "sample.py", "train_vae.py", "bench.py", "data.py toy", "protocol.py",
+            "metrics.py fid", "metrics.py stats", "metrics.py spectrum", "metrics.py outliers",
+            "metrics.py diff", "metrics.py sigma-bias", "metrics.py inflation", "metrics.py denoise",
+            "metrics.py table", "metrics.py curves"]
+
+
+def test_the_contract_covers_every_subcommand():
+    """A new metrics.py or data.py subcommand joins the contract below, or this fails."""
+    for script, main in (("metrics.py", metrics.main), ("data.py", data.main)):
+        sub = next(a for a in parser_of(main)._actions if isinstance(a, argparse._SubParsersAction))
+        missing = {f"{script} {name}" for name in sub.choices} - set(CONTRACT)
+        assert not missing, missing
+
+
+@pytest.mark.parametrize("name", CONTRACT)
 def test_every_value_of_every_option_is_one_line_or_accepted_and_nothing_changes(sandbox, monkeypatch, name):
     main, parser, base, patches = entry_points(sandbox)[name]
     assert call(main, base, patches, monkeypatch)[0] == "accepted", f"{name}'s base command must be valid"

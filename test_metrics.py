@@ -362,3 +362,90 @@ def test_bench_checks_its_inputs():
                            (["--image-size", "20"], "must be a multiple of 16"),
                            (["--lpl-fraction", "0"], "argument --lpl-fraction: '0' is not a finite number > 0")):
         assert expected in one_line_error(bench.main, argv), argv
+
+
+# ---------------------------------------------------------------- metrics.py denoise
+@pytest.mark.parametrize("paradigm", ["eps", "v", "flow"])
+def test_level_time_is_the_nearest_step_of_the_models_own_grid(paradigm):
+    """flow: t = r/(1+r) exactly; eps/v: the DDPM step whose σ/α is nearest in log, found by a loop."""
+    from model import ddpm_scheduler
+    sched = None if paradigm == "flow" else ddpm_scheduler(paradigm)
+    for r in (0.01, 0.1, 0.37, 1.0, 5.0):
+        a, s, t = metrics.level_time(paradigm, r, sched)
+        if paradigm == "flow":
+            assert a + s == pytest.approx(1) and s / a == pytest.approx(r) and t == pytest.approx(1000 * s)
+            continue
+        abar = sched.alphas_cumprod.double()
+        best = min(range(1000), key=lambda i: abs(math.log(((1 - abar[i]) / abar[i]).sqrt().item() / r)))
+        assert t == best and a == pytest.approx(abar[t].sqrt().item()) and s == pytest.approx((1 - abar[t]).sqrt().item())
+
+
+class _Oracle(torch.nn.Module):
+    """A 'model' that outputs the exact noise of each batch denoise() draws (its seed, its batches)."""
+
+    def __init__(self, shape, seed, batch):
+        super().__init__()
+        self.eps, self.batch, self.calls = torch.randn(shape, generator=torch.Generator().manual_seed(seed)), batch, 0
+
+    def forward(self, z_t, timestep, class_labels):
+        from types import SimpleNamespace
+        chunks = self.eps.split(self.batch)
+        out = chunks[self.calls % len(chunks)]
+        self.calls += 1
+        return SimpleNamespace(sample=out)
+
+
+def test_denoise_of_an_exact_model_is_exact_and_every_model_gets_the_same_noise():
+    """A model that predicts the true ε: ẑ0 = z0 up to rounding, so latent MSE ~0, L_LPL ~0, the decoded
+    images equal decode(z0)'s (PSNR at its cap, spectrum error 0). A real model measured twice, and
+    with the levels in another order, gives the same numbers: the noise depends on the seed alone."""
+    vae = tiny_vae(blocks=2)
+    lpl = LatentPerceptualLoss(vae)
+    torch.manual_seed(0)
+    z0, y = torch.randn(10, 4, 8, 8), torch.zeros(10, dtype=torch.long)
+    ext = _ColourMeans()
+    ref = metrics.denoise_reference(vae, z0, lambda x: ext(x.float()).double())
+    rows = metrics.denoise(_Oracle(z0.shape, 3, 4), "eps", vae, lpl, z0, y, [0.1, 1.0], seed=3,
+                           extractor=lambda x: ext(x.float()).double(), ref=ref, batch=4)
+    for r in rows.values():
+        assert r["latent MSE"] < 1e-10 and r["L_LPL"] < 1e-6 and r["PSNR"] == 200 and r["spectrum error"] == 0
+        assert abs(r["FID"]) < 1e-6
+    from model import build_model
+    from train import MODELS
+    torch.manual_seed(1)
+    net = build_model(dict(MODELS["DiT-T/2"], in_channels=4, out_channels=4, sample_size=8, num_embeds_ada_norm=1)).eval()
+    one = metrics.denoise(net, "eps", vae, lpl, z0, y, [0.1, 1.0], seed=5, ref=ref, batch=4)
+    again = metrics.denoise(net, "eps", vae, lpl, z0, y, [1.0, 0.1], seed=5, ref=ref, batch=3)
+    for lv in (0.1, 1.0):
+        for k, v in one[lv].items():
+            assert again[lv][k] == pytest.approx(v, rel=1e-5, abs=1e-9), (lv, k)
+    other = metrics.denoise(net, "eps", vae, lpl, z0, y, [0.1], seed=6, ref=ref)
+    assert other[0.1]["latent MSE"] != one[0.1]["latent MSE"]  # (the seed does draw the noise)
+
+
+def test_denoise_cli_pairs_checkpoints_and_its_table_gives_paired_differences(assets, tmp_path, capsys):
+    """The command on two checkpoints (the same one twice: equal lines), read back into a table of the
+    baseline's values and paired differences that equal the files' numbers; bad input is one line."""
+    pre = str(assets / "runs" / "pre" / "ckpt.pt")
+    metrics.main(["denoise", pre, pre, "--data", str(assets / "data"), "--n", "6", "--levels", "0.5", "2", "--no-fid"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[:2] == lines[2:] and "level 0.5" in lines[0] and "FID" not in lines[0]
+    for arm, seed, factor in (("l2", 0, 1.0), ("l2", 1, 1.0), ("lpl", 0, 0.9), ("lpl", 1, 0.8)):
+        run = tmp_path / f"{arm}-s{seed}"
+        run.mkdir()
+        # numbers of our own: latent MSE = factor·(seed+1)/100, PSNR = 20·factor + seed
+        text = "\n".join(l.split("latent MSE")[0] + f"latent MSE {factor * (seed + 1) / 100:.6f}, L_LPL 1.0, PSNR "
+                         f"{20 * factor + seed:.4f} dB, spectrum error 0.5  {pre}" for l in lines[:2])
+        (run / "denoise.txt").write_text(text + "\n")
+    capsys.readouterr()
+    metrics.main(["table", *map(str, sorted(tmp_path.glob("*-s*"))), "--baseline", "l2", "--denoise",
+                  "--plot", str(tmp_path / "d.png")])
+    out = capsys.readouterr().out
+    assert "| l2 | 0, 1 | 0.5 | 0.0150 ± 0.0071 | 1.0000 ± 0.0000 | 20.50 ± 0.71 | 0.5000 ± 0.0000 |" in out, out
+    # lpl − l2 at one seed: MSE −10% and −20%, PSNR −2 and −4 dB
+    assert "| lpl | 0, 1 | 0.5 | -15.00 ± 7.07 | +0.00 ± 0.00 | -3.00 ± 1.41 | +0.0000 ± 0.0000 |" in out, out
+    assert (tmp_path / "d.png").stat().st_size > 0
+    for argv, says in ((["--levels", "0.5", "0.5"], "names a level twice"), (["--levels", "0"], "--levels"),
+                       (["--n", "1000"], "fewer than --n 1000"), (["--n", "1"], "--n")):
+        assert says in one_line_error(metrics.main, ["denoise", pre, "--data", str(assets / "data"), "--no-fid", *argv])
+    assert "--baseline" in one_line_error(metrics.main, ["table", str(tmp_path / "l2-s0"), "--denoise"])
