@@ -126,7 +126,7 @@ def plot_denoise(deltas, baseline, path):
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xscale("log")
         ax.set_xlabel("σ/α")
-        ax.set_title(f"{k}{' %' if k in ('latent MSE', 'L_LPL') else ''} − {baseline}", fontsize=8)
+        ax.set_title(f"{k}{' %' if k in ('latent MSE', 'L_LPL') else ' (dB)' if k == 'PSNR' else ''} − {baseline}", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(frameon=False, fontsize=6)
     fig.tight_layout()

@@ -284,10 +284,12 @@ def read_inflation(path):
 
 
 def read_runs(runs):
-    """Run directories named ARM-sSEED, each with train.py's log.jsonl and score.txt ->
-    ({arm: {seed: (FID, spectrum error, s/step, LPL share, {step: L_Diff}, σ(ϕ̂)/σ(ϕ) or None)}},
-    [runs not scored yet]). σ(ϕ̂)/σ(ϕ) is read from the run's inflation.txt where there is one.
-    s/step is the median over the log (a paused run does not move it), the share its mean."""
+    """Run directories named ARM-sSEED, each with train.py's log.jsonl and score.txt -> ({arm: {seed:
+    (FID, spectrum error, s/step, LPL share, {step: L_Diff}, σ(ϕ̂)/σ(ϕ) or None)}}, [runs not scored
+    yet]). σ(ϕ̂)/σ(ϕ) is read from the run's inflation.txt where there is one. s/step is the median
+    over the log (a paused run does not move it), the share its mean. A folder of samples only (a run
+    sampled again, or two runs sampled together with sample.py --ckpt-low) has no log: its training
+    columns stay empty."""
     import re
     import statistics
     arms, unscored = {}, []
@@ -300,10 +302,11 @@ def read_runs(runs):
         if not os.path.exists(os.path.join(run, "score.txt")):  # still training, or not scored yet
             unscored.append(os.path.basename(os.path.normpath(run)))
             continue
-        log = read_log(os.path.join(run, "log.jsonl"))
+        log = read_log(os.path.join(run, "log.jsonl")) if os.path.exists(os.path.join(run, "log.jsonl")) else []
         fid, spectrum = read_scores(os.path.join(run, "score.txt"))
         share = [r["lpl_share"] for r in log if "lpl_share" in r]
-        arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.median(r["s_per_step"] for r in log[1:] or log),
+        arms.setdefault(m[1], {})[int(m[2])] = (fid, spectrum, statistics.median(r["s_per_step"] for r in log[1:] or log)
+                                                 if log else None,
                                                  statistics.mean(share) if share else None,
                                                  {r["step"]: r["loss_diff"] for r in log},
                                                  read_inflation(os.path.join(run, "inflation.txt")))
@@ -343,7 +346,7 @@ def seed_table(arms, unscored=(), baseline=None):
         shares = [x[3] for x in v if x[3] is not None]
         row = (f"| {arm} | {', '.join(map(str, sorted(seeds)))} | {spread([x[0] for x in v], 2)} | "
                f"{', '.join(f'{x[0]:.2f}' for x in v)} | {spread([x[1] for x in v], 3)} | "
-               f"{statistics.mean(x[2] for x in v):.2f} | {f'{statistics.mean(shares):.3f}' if shares else ''} |")
+               f"{spread([x[2] for x in v], 2).split(' ±')[0]} | {f'{statistics.mean(shares):.3f}' if shares else ''} |")
         if inflated:
             row += f" {spread([x[5] for x in v], 3)} |"
         if baseline:
@@ -353,11 +356,35 @@ def seed_table(arms, unscored=(), baseline=None):
             d_loss = []  # %: what the added loss costs the diffusion loss, over the steps both logged
             for s in both:
                 steps = seeds[s][4].keys() & base[s][4].keys()
-                d_loss.append(100 * (sum(seeds[s][4][k] for k in steps) / sum(base[s][4][k] for k in steps) - 1))
+                if steps:  # (a folder of samples only has no log)
+                    d_loss.append(100 * (sum(seeds[s][4][k] for k in steps) / sum(base[s][4][k] for k in steps) - 1))
             row += (f" {spread([seeds[s][0] - base[s][0] for s in both], 2, '+')} | {spread(d_spec, 3, '+')} |"
                     f" {spread(d_loss, 2, '+')}{'%' if d_loss else ''} |")
         rows.append(row)
     return rows + ([f"(not scored yet, left out: {', '.join(unscored)})"] if unscored else [])
+
+
+def sampling_noise(first, second, name, baseline=None):
+    """How far a second sampling (another seed) of the same runs moves FID, and with a baseline, how far
+    it moves each paired difference arm − baseline at one training seed: e = Δ(second) − Δ(first) is
+    the difference of two independent samplings of Δ, so Δ's sampling std is rms(e)/√2. first and
+    second are read_runs results of one set of runs under two score files; returns lines to print."""
+    import statistics
+    runs = [(a, s) for a in first for s in first[a] if s in second.get(a, {})]
+    if len(runs) < 2:
+        return [f"(sampling noise: {len(runs)} run(s) scored both ways; it needs 2)"]
+    d = [second[a][s][0] - first[a][s][0] for a, s in runs]
+    out = [f"Sampling noise, {name} against the first sampling: FID moves by {statistics.mean(d):+.2f} ± "
+           f"{statistics.stdev(d):.2f} over {len(d)} runs (range {min(d):+.2f} to {max(d):+.2f})"]
+    if baseline:
+        e = [(second[a][s][0] - second[baseline][s][0]) - (first[a][s][0] - first[baseline][s][0])
+             for a, s in runs if a != baseline and (baseline, s) in runs]
+        if e:
+            sd = math.sqrt(sum(x * x for x in e) / len(e) / 2)
+            out.append(f"a paired difference (arm − {baseline}, one training seed) moves by {statistics.mean(e):+.2f} "
+                       f"(rms {math.sqrt(sum(x * x for x in e) / len(e)):.2f}, {len(e)} pairs): its sampling std is "
+                       f"{sd:.2f}, so a paired difference within ±{2 * sd:.2f} is within sampling noise")
+    return out
 
 
 RELATIVE = ("latent MSE", "L_LPL")  # paired as a ratio (−1, in %); the others as differences
@@ -605,6 +632,9 @@ def main(argv=None):
     ta.add_argument("runs", nargs="+", type=Path("dir"), help="run directories, e.g. runs/p17/post-*")
     ta.add_argument("--baseline", default=None, type=Name(), help="an arm, e.g. post-l2: also each arm's difference from "
                     "it at the same training seed (default: none)")
+    ta.add_argument("--resampled", default=None, type=Path("dir"), help="a folder holding the same runs (ARM-sSEED/"
+                    "score.txt) sampled again with another seed: also print how far that moves FID and each paired "
+                    "difference, the sampling noise a difference must exceed (default: none)")
     ta.add_argument("--denoise", action="store_true", help="instead of the scores: each run's denoise.txt (metrics.py "
                     "denoise) per noise level, the baseline's values and every arm's paired differences from it "
                     "(needs --baseline; --plot: the differences against σ/α, a colour per seed)")
@@ -727,6 +757,10 @@ def main(argv=None):
     if args.metric == "table":
         arms, unscored = read_runs(args.runs)
         print("\n".join(seed_table(arms, unscored, args.baseline)))
+        if args.resampled:
+            again = [os.path.join(args.resampled, os.path.basename(os.path.normpath(r))) for r in args.runs]
+            again = read_runs([r for r in again if os.path.isdir(r)])[0]
+            print("\n" + "; ".join(sampling_noise(arms, again, args.resampled, args.baseline)))
         if args.plot:
             plot_seeds(arms, args.plot)
         return

@@ -29,7 +29,11 @@ SCHEMA = {
     "reference": (dict, "FID reference statistics: dict(n=N) training images drawn at random"),
     "studies": (dict, "name -> dict(base=[train.py args], post=[train.py args of every arm], "
                 "arms={arm: [train.py args]}, seeds=[training seeds], baseline=arm, score_base=bool, "
-                "inflation=bool: metrics.py inflation of every checkpoint)"),
+                "inflation=bool: metrics.py inflation of every checkpoint, denoise=dict(n=, levels=[σ/α], "
+                "fid=[arms]): metrics.py denoise of every checkpoint, variants={name: dict(arms=[arms], and any of "
+                "steps=, cfg=, seed=)}: each arm's runs scored again under other sampler settings, "
+                "hybrids={name: dict(high=arm, low=arm, switch=σ/α)}: each seed's two runs sampled together "
+                "(sample.py --ckpt-low))"),
     "score": (dict, "dict(n=samples, steps=sampler steps, cfg=guidance, seed=sampling seed, "
               "spectrum_n=images of the samples and of the training set for the spectrum error, <= n)"),
     "figures": (bool, "the spectrum and same-noise difference figures of seed 0's arms"),
@@ -39,7 +43,9 @@ SCHEMA = {
                 "own: vae_step, ref_image, score_sample, and 'train:MODEL:LOSS' per step"),
 }
 STUDY_KEYS = {"base": list, "post": list, "arms": dict, "seeds": list, "baseline": str, "score_base": bool,
-              "inflation": bool}
+              "inflation": bool, "denoise": dict, "variants": dict, "hybrids": dict}
+DENOISE_KEYS = {"n": int, "levels": list, "fid": list}
+VARIANT_KEYS = {"steps": int, "cfg": float, "seed": int}  # a variant's sampler settings, over score's
 SCORE_KEYS = {"n": int, "steps": int, "cfg": float, "seed": int, "spectrum_n": int}
 # train.py flags the driver sets itself: a protocol giving them would fight the driver.
 DRIVER_FLAGS = ("--data", "--vae", "--run-dir", "--init-from", "--resume", "--seed", "--device")
@@ -151,7 +157,51 @@ def load_protocol(path):
             raise ProtocolError(f"{where}['seeds'] must be distinct integers in [0, 2^31), got {st['seeds']!r}")
         if st["arms"] and st["baseline"] not in st["arms"]:
             raise ProtocolError(f"{where}: baseline {st['baseline']!r} is none of the arms {list(st['arms'])}")
+        check_analyses(where, st)
     return cfg
+
+
+def _number(v, integer=False):
+    return isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and (integer or v == v and abs(v) < 1e6)
+
+
+def check_analyses(where, st):
+    """A study's denoise, variants and hybrids: keys, types, values and the arms they name, before any work."""
+    arms = list(st["arms"])
+
+    def arms_of(key, names):
+        if not isinstance(names, list) or not all(a in arms for a in names):
+            raise ProtocolError(f"{where}[{key!r}]: {names!r} must be a list of the study's arms {arms}")
+    if "denoise" in st:
+        d = st["denoise"]
+        if set(d) - set(DENOISE_KEYS) or "n" not in d or "levels" not in d:
+            raise ProtocolError(f"{where}['denoise'] must be dict(n=images, levels=[σ/α, ...], fid=[arms]), got {d!r}")
+        if not _number(d["n"], True) or d["n"] < 2:
+            raise ProtocolError(f"{where}['denoise']['n'] must be an integer >= 2, got {d['n']!r}")
+        if not d["levels"] or not all(_number(v) and v > 0 for v in d["levels"]) or len(set(d["levels"])) != len(d["levels"]):
+            raise ProtocolError(f"{where}['denoise']['levels'] must be distinct numbers σ/α > 0, got {d['levels']!r}")
+        d.setdefault("fid", [])
+        arms_of("denoise']['fid", d["fid"])
+    for name, v in st.get("variants", {}).items():
+        w = f"{where}['variants'][{name!r}]"
+        if not isinstance(name, str) or not name.replace("-", "").isalnum():
+            raise ProtocolError(f"{w}: a variant's name is part of a file name: letters, digits and -")
+        if not isinstance(v, dict) or "arms" not in v or set(v) - {"arms", *VARIANT_KEYS} or len(v) < 2:
+            raise ProtocolError(f"{w} must be dict(arms=[arms], and one or more of {', '.join(VARIANT_KEYS)}), got {v!r}")
+        arms_of(f"variants'][{name!r}]['arms", v["arms"])
+        for k in set(v) - {"arms"}:
+            ok = _number(v[k], VARIANT_KEYS[k] is int) and (v[k] >= 1 if k == "steps" else 0 <= v[k] < 2 ** 31
+                                                             if k == "seed" else True)
+            if not ok:
+                raise ProtocolError(f"{w}[{k!r}] must be {'an integer >= 1' if k == 'steps' else 'an integer seed' if k == 'seed' else 'a number'}, got {v[k]!r}")
+    for name, h in st.get("hybrids", {}).items():
+        w = f"{where}['hybrids'][{name!r}]"
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or name in arms or name == "base":
+            raise ProtocolError(f"{w}: a hybrid's name is a folder name apart from the arms' (letters, digits, - and _)")
+        if not isinstance(h, dict) or set(h) != {"high", "low", "switch"} or h["high"] not in arms or h["low"] not in arms:
+            raise ProtocolError(f"{w} must be dict(high=arm, low=arm, switch=σ/α) with arms of {arms}, got {h!r}")
+        if not _number(h["switch"]) or not h["switch"] > 0:
+            raise ProtocolError(f"{w}['switch'] must be a number σ/α > 0, got {h['switch']!r}")
 
 
 def check_script_args(where, script, get_args, args, given=()):
@@ -216,6 +266,9 @@ def data_needs(cfg):
                        "the FID reference's n and score's spectrum_n")}
     if any(st["inflation"] for st in cfg["studies"].values()):
         needs["test"] = (INFLATION_N, "metrics.py inflation of each checkpoint")
+    n = max([st["denoise"]["n"] for st in cfg["studies"].values() if "denoise" in st], default=0)
+    if n > needs.get("test", (0,))[0]:
+        needs["test"] = (n, "metrics.py denoise of each checkpoint")
     return needs
 
 
@@ -251,15 +304,28 @@ def build_stages(cfg):
               units=n_ref, rate="ref_image", resume="--resume",  # scratch: the .npz, then its kept features (counted)
               scratch=(f"{{work}}/reference-{n_ref}.npz", f"{{work}}/reference-{n_ref}.features")))
 
-    def score(name, run, deps):
+    def score(name, run, deps, low=None, **over):
+        """sample.py's FID and the spectrum error of a run (or, with low=(run, switch), of two runs
+        sampled together), under score's settings or others (`over`: a variant's), into NAME/score.txt."""
         samples = f"{{work}}/samples/{name}"
+        s = dict(sc, **over)
+        mix = ["--ckpt-low", f"{{work}}/{low[0]}/ckpt.pt", "--switch", str(low[1])] if low else []
         return Stage(f"{name}/score", "score", [
-            ["sample.py", "--ckpt", f"{{work}}/{run}/ckpt.pt", "--n", str(sc["n"]), "--steps", str(sc["steps"]),
-             "--cfg", str(sc["cfg"]), "--seed", str(sc["seed"]), "--out-dir", samples, "--fid", "--fid-ref",
+            ["sample.py", "--ckpt", f"{{work}}/{run}/ckpt.pt", *mix, "--n", str(s["n"]), "--steps", str(s["steps"]),
+             "--cfg", str(s["cfg"]), "--seed", str(s["seed"]), "--out-dir", samples, "--fid", "--fid-ref",
              f"{{work}}/reference-{n_ref}.npz"],
-            ["metrics.py", "spectrum", samples, train_data, "--n", str(sc["spectrum_n"])]],
-            deps=deps + ["reference"], capture=f"{name}/score.txt", units=sc["n"], rate="score_sample",
-            artifact=samples, scratch=samples, resume="--resume")
+            ["metrics.py", "spectrum", samples, train_data, "--n", str(s["spectrum_n"])]],
+            deps=deps + ["reference"], capture=f"{name}/score.txt",
+            units=s["n"] * s["steps"] // sc["steps"], rate="score_sample", artifact=samples, scratch=samples,
+            resume="--resume")
+
+    def denoise(run, st):
+        """metrics.py denoise of one checkpoint: the same held-out images and noise for every run."""
+        d = st["denoise"]
+        fid = "--fid" if run.split("/")[1].rsplit("-s", 1)[0] in d["fid"] else "--no-fid"
+        return Stage(f"{run}/denoise", "denoise", [["metrics.py", "denoise", f"{{work}}/{run}/ckpt.pt", "--data", test_data,
+                                                    "--n", str(d["n"]), "--levels", *map(str, d["levels"]), fid]],
+                     deps=[run], capture=f"{run}/denoise.txt", units=0)
 
     def inflation(run):
         """σ(ϕ̂)/σ(ϕ) and ẑ0/z0 of one checkpoint on LPL's samples: the same images, t and noise for
@@ -293,8 +359,11 @@ def build_stages(cfg):
             add(score(f"{study}/base", f"{study}/base", [f"{study}/base"]))
         if st["inflation"]:
             add(inflation(f"{study}/base"))
-        for seed in st["seeds"]:
-            for arm, extra in st["arms"].items():
+        # Arm by arm, each at every seed (the protocol file lists its arms in the order their answers are
+        # wanted), each hybrid as soon as its two arms are there, and the variants after all arms.
+        hybrids, done = dict(st.get("hybrids", {})), []
+        for arm, extra in st["arms"].items():
+            for seed in st["seeds"]:
                 run = f"{study}/{arm}-s{seed}"
                 args = ["--init-from", f"{{work}}/{study}/base/ckpt.pt", *st["post"], *extra, "--seed", str(seed)]
                 steps = int(_flag(st["post"] + extra, "--steps", 50000))
@@ -305,15 +374,53 @@ def build_stages(cfg):
                 add(score(run, run, [run]))
                 if st["inflation"]:
                     add(inflation(run))
-            if cfg["figures"] and seed == st["seeds"][0]:  # while seed 0's checkpoints and samples are at hand
-                add(figures(study, st, seed))
+                if "denoise" in st:
+                    add(denoise(run, st))
+            done.append(arm)
+            for name, h in list(hybrids.items()):  # each seed's two runs sampled together
+                if {h["high"], h["low"]} <= set(done):
+                    for seed in st["seeds"]:
+                        high, low = f"{study}/{h['high']}-s{seed}", f"{study}/{h['low']}-s{seed}"
+                        add(score(f"{study}/{name}-s{seed}", high, [high, low], low=(low, h["switch"])))
+                    del hybrids[name]
+        for name, v in st.get("variants", {}).items():  # runs scored again under other sampler settings, once all
+            for a in v["arms"]:                             # arms are trained (in the protocol file's order)
+                for seed in st["seeds"]:
+                    run = f"{study}/{a}-s{seed}"  # (scored into STUDY/VARIANT/ARM-sSEED/score.txt)
+                    add(score(f"{study}/{name}/{a}-s{seed}", run, [run], **{k: v[k] for k in VARIANT_KEYS if k in v}))
+        if cfg["figures"] and st["arms"]:  # seed 0's arms from the same noise
+            add(figures(study, st, st["seeds"][0]))
+        def folder(arm, seed):  # the stages that write into a run's results folder: a table reading it waits for all
+            return [f"{study}/{arm}-s{seed}/{x}" for x in ("score", "inflation", "denoise")
+                    if x == "score" or (st.get(x) and arm in st["arms"])]
         if st["arms"]:
             runs = [f"{{results}}/{study}/{arm}-s{seed}" for arm in st["arms"] for seed in st["seeds"]]
             add(Stage(f"{study}/table", "table", [["metrics.py", "table", *runs, "--baseline", st["baseline"],
                                                    "--plot", "{out}/seeds.png"]],
-                      deps=[f"{study}/{a}-s{s}/{x}" for a in st["arms"] for s in st["seeds"]  # all it reads
-                            for x in ("score", "inflation")[:1 + st["inflation"]]],
+                      deps=[d for a in st["arms"] for s in st["seeds"] for d in folder(a, s)],
                       capture=f"{study}/table.md", units=0, outputs=study))
+        if "denoise" in st:
+            add(Stage(f"{study}/table-denoise", "table", [["metrics.py", "table", *runs, "--baseline", st["baseline"],
+                                                           "--denoise", "--plot", "{out}/denoise.png"]],
+                      deps=[d for a in st["arms"] for s in st["seeds"] for d in folder(a, s)],
+                      capture=f"{study}/table-denoise.md", units=0, outputs=study))
+        for name, h in st.get("hybrids", {}).items():
+            arms = list(dict.fromkeys([st["baseline"], h["high"], h["low"]]))
+            runs = [f"{{results}}/{study}/{a}-s{s}" for a in [*arms, name] for s in st["seeds"]]
+            add(Stage(f"{study}/table-{name}", "table", [["metrics.py", "table", *runs, "--baseline", st["baseline"]]],
+                      deps=[d for a in [*arms, name] for s in st["seeds"] for d in folder(a, s)],
+                      capture=f"{study}/table-{name}.md", units=0))
+        for name, v in st.get("variants", {}).items():
+            base = ["--baseline", st["baseline"]] if st["baseline"] in v["arms"] else []
+            if set(v) == {"arms", "seed"}:  # another sampling seed: the first sampling's table, and how far it moves
+                runs = [f"{{results}}/{study}/{a}-s{s}" for a in v["arms"] for s in st["seeds"]]
+                cmd = ["metrics.py", "table", *runs, *base, "--resampled", f"{{results}}/{study}/{name}"]
+                deps = [d for a in v["arms"] for s in st["seeds"] for d in [*folder(a, s), f"{study}/{name}/{a}-s{s}/score"]]
+            else:
+                cmd = ["metrics.py", "table", *[f"{{results}}/{study}/{name}/{a}-s{s}" for a in v["arms"] for s in st["seeds"]],
+                       *base]
+                deps = [f"{study}/{name}/{a}-s{s}/score" for a in v["arms"] for s in st["seeds"]]
+            add(Stage(f"{study}/table-{name}", "table", [cmd], deps=deps, capture=f"{study}/table-{name}.md", units=0))
     names = [s.name for s in S]
     assert len(names) == len(set(names)), names
     by_name = {s.name: s for s in S}

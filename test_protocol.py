@@ -50,6 +50,8 @@ def scores(results):
             rel = os.path.relpath(path, results)
             if f == "score.txt":
                 out[rel] = re.findall(r"^(?:FID|spectrum error) [\d.]+", open(path).read(), re.M)
+            elif f == "denoise.txt":
+                out[rel] = [line.split("  ")[0] for line in open(path)]
             elif f == "table.md":
                 out[rel] = [re.sub(r"\| [\d.]+ \| ([\d.]*) \|", r"| s | \1 |", row, count=1) for row in open(path)]
     return out
@@ -78,6 +80,12 @@ def test_smoke_writes_tables_figures_and_manifest(finished):
         assert (res / f).exists(), f
     table = (res / "eps/table.md").read_text()
     assert "| l2 | 0, 1 |" in table and "| lpl | 0, 1 |" in table and "FID − l2, same seed" in table
+    # the analyses: denoise per checkpoint and its paired table and figure, a hybrid, a second sampling seed
+    assert "FID" in (res / "eps/lpl-s0/denoise.txt").read_text() and "FID" not in (res / "eps/l2-s0/denoise.txt").read_text()
+    assert "| lpl | 0, 1 | 0.5 |" in (res / "eps/table-denoise.md").read_text() and (res / "eps/denoise.png").exists()
+    assert "| l2-hi-lpl-lo | 0, 1 |" in (res / "eps/table-l2-hi-lpl-lo.md").read_text()
+    assert (res / "eps/seed1/lpl-s1/score.txt").exists()
+    assert "Sampling noise" in (res / "eps/table-seed1.md").read_text() and "4 runs" in (res / "eps/table-seed1.md").read_text()
     manifest = json.load(open(res / "manifest.json"))
     assert manifest["protocol"] == "smoke" and manifest["versions"]["torch"]
     assert all(s["state"] == "done" and s["seconds"] >= 0 for s in manifest["stages"].values())
@@ -159,6 +167,16 @@ BAD = {
     "Python that fails": "raise RuntimeError('oops')",
     "a syntax error": "studies = {",
     "a study name with a slash": "studies['a/b'] = studies.pop('eps')",
+    "denoise without levels": "studies['eps']['denoise'] = dict(n=8)",
+    "a denoise level of 0": "studies['eps']['denoise'] = dict(n=8, levels=[0.5, 0])",
+    "a denoise FID of no arm": "studies['eps']['denoise'] = dict(n=8, levels=[0.5], fid=['ema'])",
+    "a variant of no arm": "studies['eps']['variants'] = {'seed1': dict(arms=['ema'], seed=1)}",
+    "a variant that changes nothing": "studies['eps']['variants'] = {'same': dict(arms=['l2'])}",
+    "a variant of 0 steps": "studies['eps']['variants'] = {'s0': dict(arms=['l2'], steps=0)}",
+    "a variant key score lacks": "studies['eps']['variants'] = {'x': dict(arms=['l2'], guidance=2)}",
+    "a hybrid named as an arm": "studies['eps']['hybrids'] = {'lpl': dict(high='l2', low='lpl', switch=0.5)}",
+    "a hybrid of no arm": "studies['eps']['hybrids'] = {'h': dict(high='l2', low='ema', switch=0.5)}",
+    "a hybrid switch of 0": "studies['eps']['hybrids'] = {'h': dict(high='l2', low='lpl', switch=0)}",
 }
 
 

@@ -1,7 +1,7 @@
 # The whole pipeline in miniature, in a few minutes on 2 CPU cores, offline: CI runs it.
 # data.py toy makes 3 classes of 16 px PNGs and a tiny random autoencoder; a DiT-T/2 base run, then
 # post-trainings with and without LPL at two training seeds, each scored by FID and the spectrum
-# error, the seed table and its figures. The numbers mean nothing (a random autoencoder, 30 steps):
+# error, the seed table and its figures, and the analyses of protocols/where-lpl-acts.py in miniature. The numbers mean nothing (a random autoencoder, 30 steps):
 # it shows that every stage runs, resumes and lands in results/smoke/.
 description = "every stage of a protocol on toy data, in minutes"
 data = "toy"
@@ -16,6 +16,9 @@ studies = dict(
         arms={"l2": ["--loss", "l2"], "lpl": ["--loss", "lpl", "--lpl-calibration-batches", "2"]},
         seeds=[0, 1],
         baseline="l2",
+        denoise=dict(n=8, levels=[0.5, 2], fid=["lpl"]),  # one-step ẑ0 of held-out images (FID: lpl's only)
+        hybrids={"l2-hi-lpl-lo": dict(high="l2", low="lpl", switch=0.5)},  # l2 above σ/α 0.5, lpl below
+        variants={"seed1": dict(arms=["l2", "lpl"], seed=1)},  # every run sampled again: the sampling noise
     ),
 )
 score = dict(n=24, steps=5, cfg=1.5, seed=0, spectrum_n=24)
