@@ -12,6 +12,8 @@ with real ones by the mean |log ratio| over frequencies. It needs no network.
     python metrics.py curves runs/lpl/log.jsonl [runs/base/log.jsonl ...] --out curves.png
     python metrics.py table runs/p17/post-*-s*/ --baseline post-l2   # mean ± std over training seeds
     python metrics.py inflation data/cifar10-png/test runs/l2/ckpt.pt runs/lpl/ckpt.pt   # ẑ0's scale under τ
+    python metrics.py denoise runs/l2/ckpt.pt runs/lpl/ckpt.pt --n 2000     # one-step ẑ0 of test images, per σ/α
+    python metrics.py table runs/*-s*/ --baseline l2 --denoise              # ... paired by seed and level
     python metrics.py outliers data/cifar10-png/test --index 7 --vae VAE --out outliers.png   # Fig. 13
 """
 import argparse

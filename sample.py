@@ -2,6 +2,7 @@
 
     python sample.py --ckpt runs/lpl/ckpt.pt --out grid.png
     python sample.py --ckpt runs/lpl/ckpt.pt --n 10000 --out-dir samples/lpl --fid
+    python sample.py --ckpt runs/l2/ckpt.pt --ckpt-low runs/lpl/ckpt.pt --switch 0.5 --out grid.png  # lpl at σ/α <= 0.5
 
 The checkpoint describes itself: paradigm, model, VAE and data come from it. DDIM (eta 0, 50 steps
 as in the paper) for eps and v, Euler for flow; classifier-free guidance with --cfg; EMA weights. A
