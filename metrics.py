@@ -730,7 +730,7 @@ def main(argv=None):
             model = build_model(ck["model_config"]).eval()
             model.load_state_dict(ck["ema"])
             a = ck["args"]
-            res_scale = z0.shape[-1] / 64  # τ is given at 64x64 latents, as train.py scales it
+            res_scale = math.sqrt(z0.shape[-2] * z0.shape[-1]) / 64  # τ is given at 64x64 latents, as train.py scales it
             cas, r_t = None, []
             if "cas" in ck:  # Cas-DM: its LPL acts on ϕ's x'0 (the EMA, which samples)
                 from comparisons import CasDM

@@ -258,6 +258,17 @@ def test_train_options_that_act_only_with_another_are_refused_without_it(sandbox
         argv = with_value(base, action, value)
         outcome, msg = call(main, argv, patches, monkeypatch)
         assert outcome == "refused" and any(o in msg for o in action.option_strings) and hint in msg, (dest, msg)
+    for dest, (other, allowed, hint) in train.REQUIRES_TOO.items():  # the second condition, with the first met
+        action = by_dest[dest]
+        value = None if action.nargs == 0 else (list(action.choices)[-1] if action.choices else "2")
+        first, ok, _ = train.REQUIRES[dest]
+        wrong = next(c for c in by_dest[other].choices if c not in allowed)
+        argv = with_value(base, action, value) + [f"--{first.replace('_', '-')}", sorted(ok)[0],
+                                                  f"--{other.replace('_', '-')}", wrong]
+        outcome, msg = call(main, argv, patches, monkeypatch)
+        assert outcome == "refused" and any(o in msg for o in action.option_strings) and hint in msg, (dest, msg)
+        ok_argv = with_value(base, action, value) + [f"--{first.replace('_', '-')}", sorted(ok)[0]]
+        assert call(main, ok_argv, patches, monkeypatch)[0] == "accepted", ok_argv
 
 
 def test_sample_options_of_the_other_mode_are_refused(sandbox, monkeypatch):

@@ -257,8 +257,10 @@ LOSS_ARGS = {"l2": [], "lpl": ["--lpl-tau", "100"], "rgb": ["--lpl-tau", "100"],
 
 ARMS = [["--loss", x, *LOSS_ARGS[x]] for x in train.LOSSES if x != "l2"] + [
     ["--loss", "cas-dm", "--cas-metric", "none"], ["--reweight", "min-snr"],  # and the LPL ablations
-    ["--loss", "lpl", "--lpl-tau", "100", "--no-lpl-detach-sigma", "--lpl-normalization", "separate",
-     "--lpl-layer-weights", "uniform", "--lpl-no-outliers", "--lpl-blocks", "1", "--lpl-grad-checkpointing"]]
+    ["--loss", "lpl", "--lpl-tau", "100", "--lpl-normalization", "separate",
+     "--lpl-layer-weights", "uniform", "--lpl-no-outliers", "--lpl-blocks", "1", "--lpl-grad-checkpointing"],
+    ["--loss", "lpl", "--lpl-tau", "100", "--no-lpl-detach-sigma"],
+    ["--loss", "lpl", "--lpl-tau", "100", "--lpl-normalization", "channel", "--lpl-weight-factor", "0.5"]]
 
 
 @pytest.mark.parametrize("arm", ARMS, ids=lambda a: " ".join(a[:4]))

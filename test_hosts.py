@@ -399,7 +399,7 @@ def test_readme_recipes_run_and_equal_the_host_s_own_x0():
     to t = 0) and the selection σ/α ≤ τ·(latent width / 64) written out."""
     from diffusers import DDPMScheduler
     recipes = readme_recipes()
-    assert len(recipes) == 4 and all(len(code.strip().splitlines()) <= 10 for code in recipes.values())
+    assert len(recipes) == 5 and all(len(code.strip().splitlines()) <= 10 for code in recipes.values())
     vae = tiny_vae(blocks=2)
     lpl = LatentPerceptualLoss(vae)
     B, w_lpl, tau = 16, 0.5, 4.0
@@ -470,6 +470,20 @@ def test_readme_recipes_run_and_equal_the_host_s_own_x0():
     host = (ns["model_pred"].float() - z0).square().mean()
     sg = sigmas.flatten()
     torch.testing.assert_close(ns["loss"] - host, expected(x0, 1 - sg, sg), rtol=1e-4, atol=1e-5)
+
+    # SiT's transport, t = 1 data: xt = t·x1 + (1 − t)·x0, the model predicts ut = x1 − x0; the host's
+    # own estimate of the data is one Euler step to t = 1, xt + (1 − t)·u
+    sit = dit(4)
+    tt = torch.linspace(0.02, 0.98, B)
+    xt = tt.view(-1, 1, 1, 1) * z0 + (1 - tt).view(-1, 1, 1, 1) * noise
+    ns = dict(torch=torch, lpl=lpl, w_lpl=w_lpl, t=tt, xt=xt, x1=z0, ut=z0 - noise, model_kwargs=dict(y=y),
+              alpha_sigma_from_flow_time=alpha_sigma_from_flow_time,
+              model=lambda x, t, y: sit(x, timestep=1000 * (1 - t), class_labels=y).sample)
+    exec(recipes["SiT transport (t = 1 is data)"], ns)
+    u = ns["model_output"].detach()
+    x1_hat = xt + (1 - tt).view(-1, 1, 1, 1) * u
+    host = ((ns["model_output"] - (z0 - noise)) ** 2).mean()
+    torch.testing.assert_close(ns["loss"] - host, expected(x1_hat, tt, 1 - tt), rtol=1e-4, atol=1e-5)
 
 
 def test_decoders_that_cannot_decode_an_image_latent_are_one_clear_error():
@@ -568,3 +582,145 @@ def test_silently_wrong_hookups_are_warned_once():
     lpl = fresh()
     assert len(_lpl_warnings(lambda: lpl.batch_loss(z0 + 0.1 * eps, z_t, z0, a, s, "flow"))) == 1
     assert _lpl_warnings(lambda: lpl.batch_loss(z0 + 0.1 * eps, z_t, z0, a, s, "flow")) == []
+
+
+# ---------------------------------------------------------------- issue 38: any precision, any schedule
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _host_schedules(dtype, B, g):
+    """{name: (alpha_t, sigma_t, parameterization, path)} as hosts hand them over in `dtype`, each from
+    the helper and as the host's own arithmetic in that dtype (rooted, or 1 − t, in low precision)."""
+    from diffusers import DDPMScheduler
+    out = {}
+    for beta in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        abar = DDPMScheduler(beta_schedule=beta, beta_start=0.00085, beta_end=0.012).alphas_cumprod.to(dtype)
+        t = torch.randint(0, 1000, (B,), generator=g)
+        out[f"DDPM {beta}"] = (*alpha_sigma_from_alphas_cumprod(abar, t), "eps", None)
+        out[f"DDPM {beta}, rooted by the host"] = (abar[t].sqrt(), (1 - abar[t]).sqrt(), "v", None)
+        kept = torch.arange(0, 1000, 20)  # ADM's timestep_respacing "50": a sub-table, indexed 0..49
+        out[f"DDPM {beta}, respaced"] = (*alpha_sigma_from_alphas_cumprod(abar[kept], t % 50), "eps", None)
+    t = torch.sigmoid(torch.randn(B, generator=g)).to(dtype)  # minRF's logit-normal
+    out["flow logit-normal"] = (*alpha_sigma_from_flow_time(t), "flow", None)
+    out["flow logit-normal, 1 − t by the host"] = (1 - t, t, "flow", None)
+    u = torch.rand(B, generator=g)
+    sig = (3 * u / (1 + 2 * u)).to(dtype)  # SD3's shift 3
+    out["SD3 shifted"] = (*alpha_sigma_from_flow_time(sig), "flow", None)
+    out["SiT, t = 1 data"] = (*alpha_sigma_from_flow_time(t, data_at=1), "flow", None)
+    edm = (torch.randn(B, generator=g) * 1.2 - 1.2).exp().to(dtype)  # EDM's log-normal σ, α = 1
+    out["EDM (VE), path='any'"] = (torch.ones(B, dtype=dtype), edm, "eps", "any")
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_correct_hookups_in_any_precision_and_schedule_give_no_error_and_no_warning(dtype):
+    """Issue 38: under bf16 mixed precision SD3's sigmas are bf16, and 1 − t rounded there broke
+    α + σ = 1 by more than the old fixed tolerance, refusing the README's own recipe on every batch.
+    Every schedule × precision × batch size × latent size, with z_t made in that precision as the host
+    makes it, and an exact or an untrained prediction: no error, no LPLInputWarning."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    g = torch.Generator().manual_seed(0)
+    for B, hw in ((1, 2), (7, 8), (64, 2)):
+        for name, (a, s, param, path) in _host_schedules(dtype, B, g).items():
+            z0, eps = torch.randn(B, 4, hw, hw, generator=g), torch.randn(B, 4, hw, hw, generator=g)
+            a4, s4 = (x.to(dtype).view(-1, 1, 1, 1) for x in (a, s))
+            if name.startswith("SiT"):  # x_t = t x1 + (1 − t) x0: α = t, σ = 1 − t, pred = −u = −(x1 − x0)
+                z_t = a4 * z0.to(dtype) + s4 * eps.to(dtype)
+            else:
+                z_t = a4 * z0.to(dtype) + s4 * eps.to(dtype)  # the host's own arithmetic, in its dtype
+            target = {"eps": eps, "v": a4.float() * eps - s4.float() * z0, "flow": eps - z0}[param]
+            for pred in (target.to(dtype), torch.randn(target.shape, generator=g).to(dtype)):
+                got = _lpl_warnings(lambda: lpl.batch_loss(pred, z_t, z0.to(dtype), a, s, param, tau=16.0, path=path))
+                assert got == [], (name, dtype, B, hw, got)
+                lpl.__dict__.pop("_warned", None)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_the_traps_are_still_caught_in_low_precision(dtype):
+    """The tolerances grew with the dtype's resolution; each mistake they exist for is still an error."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    z0, z_t = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4)
+    abar = torch.tensor([0.9, 0.6, 0.4, 0.2], dtype=dtype)
+    with pytest.raises(ValueError, match="that is ᾱ_t and 1 − ᾱ_t"):
+        lpl.batch_loss(z0, z_t, z0, abar, 1 - abar, "eps")
+    with pytest.raises(ValueError, match="α_t is ᾱ_t, not its root"):
+        lpl.batch_loss(z0, z_t, z0, abar, (1 - abar).sqrt(), "v")
+    a = torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=dtype)
+    with pytest.raises(ValueError, match=r"α_t \+ σ_t must be 1 on the linear path"):  # VP α, σ given to flow
+        lpl.batch_loss(z0, z_t, z0, a, (1 - a * a).sqrt(), "flow")
+    with pytest.raises(ValueError, match="those are timesteps"):
+        alpha_sigma_from_flow_time(torch.tensor([999.0, 250.0], dtype=dtype))
+    with pytest.raises(ValueError, match="a flow time t must be a float in \\[0, 1\\], got torch.int64: integer timesteps"):
+        alpha_sigma_from_flow_time(torch.tensor([999, 250]))
+
+
+@pytest.mark.parametrize("hw,B", [(2, 1), (2, 128), (8, 1), (8, 128)])
+def test_warnings_have_a_false_alarm_rate_below_one_in_a_million(hw, B):
+    """Issue 38: the implied-noise band was a fixed log 3, so at 2x2x4 latents a correct batch of 128
+    warned about half the time. Now each threshold comes from its statistic's distribution at the
+    batch's size: 1,000 correct batches (an untrained, random prediction: the cosine's worst case) give
+    no warning, at the smallest latents and at a batch of one."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    g = torch.Generator().manual_seed(hw * 1000 + B)
+    fired = 0
+    for _ in range(1000):
+        z0, eps = torch.randn(B, 4, hw, hw, generator=g), torch.randn(B, 4, hw, hw, generator=g)
+        t = torch.rand(B, generator=g) * 0.9 + 0.1
+        a, s = (1 - t * t).sqrt(), t
+        z_t = a.view(-1, 1, 1, 1) * z0 + s.view(-1, 1, 1, 1) * eps
+        lpl.__dict__.pop("_warned", None)
+        fired += len(_lpl_warnings(lambda: lpl.check_inputs(torch.randn(z0.shape, generator=g), z_t, z0, a, s, "eps")))
+    assert fired == 0
+    import lpl as module  # and the band is what the bound says: wider for fewer values, never below the floor
+    assert module._noise_band(16, 128) > module._noise_band(256, 128) >= module.NOISE_FLOOR
+
+
+@pytest.mark.parametrize("precondition", [0, 1])
+def test_the_readme_sd3_recipe_runs_under_bf16_mixed_precision(precondition):
+    """The SD3 script under --mixed_precision bf16: latents, noise and sigmas in bf16, the transformer
+    under autocast. The recipe as printed runs without an error or a warning, and its LPL term equals
+    the loss of the script's own x0 estimate computed apart in fp32 (to bf16's resolution)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    recipe = readme_recipes()["diffusers SD3 training loop (FlowMatchEulerDiscreteScheduler)"]
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    B, g = 16, torch.Generator().manual_seed(3)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    indices = torch.linspace(0, 999, B).long()  # the table's whole range (some samples under τ)
+    timesteps = sched.timesteps[indices]
+    sigmas = sched.sigmas[indices].to(torch.bfloat16).view(-1, 1, 1, 1)  # get_sigmas(..., dtype=weight_dtype)
+    z0 = torch.randn(B, 4, 8, 8, generator=g).to(torch.bfloat16)
+    noise = torch.randn(B, 4, 8, 8, generator=g).to(torch.bfloat16)
+    dit = train.build_model(dict(train.MODELS["DiT-T/2"], in_channels=4, out_channels=4, sample_size=8,
+                                 num_embeds_ada_norm=3))
+
+    def transformer(hidden_states, timestep, class_labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (dit(hidden_states, timestep=timestep, class_labels=class_labels).sample,)
+    ns = dict(torch=torch, lpl=lpl, w_lpl=0.5, model_input=z0, noise=noise, sigmas=sigmas, timesteps=timesteps,
+              noisy_model_input=(1 - sigmas) * z0 + sigmas * noise, cond=dict(class_labels=torch.arange(B) % 3),
+              args=type("Args", (), dict(precondition_outputs=precondition)), transformer=transformer,
+              alpha_sigma_from_flow_time=alpha_sigma_from_flow_time)
+    assert _lpl_warnings(lambda: exec(recipe, ns)) == []
+    assert torch.isfinite(ns["loss"])
+    raw = ns["model_pred"].detach() if not precondition else (ns["model_pred"].detach() - ns["noisy_model_input"]) / -sigmas
+    sg = sigmas.flatten().float()
+    x0 = ns["noisy_model_input"].float() - sg.view(-1, 1, 1, 1) * raw.float()
+    m = sg <= 4.0 * (8 / 64) * (1 - sg)
+    assert 0 < m.sum() < B
+    torch.testing.assert_close(ns["lpl_term"], lpl(x0[m], z0.float()[m]).sum() / B, rtol=2e-2, atol=1e-3)
+
+
+def test_tau_scales_with_the_latent_area_for_non_square_latents():
+    """SD3's shift scales σ/α by √(h·w) / base: a 4x16 latent (an aspect bucket) gets the τ of the
+    square 8x8 latent of the same area, not that of its width (16)."""
+    lpl = LatentPerceptualLoss(tiny_vae(blocks=2))
+    B = 64
+    t = torch.linspace(0.01, 0.99, B)
+    a, s = (1 - t * t).sqrt(), t
+    sel = {}
+    for h, w in ((8, 8), (4, 16)):
+        z0, eps = torch.randn(B, 4, h, w), torch.randn(B, 4, h, w)
+        z_t = a.view(-1, 1, 1, 1) * z0 + s.view(-1, 1, 1, 1) * eps
+        _, sel[h, w] = lpl.batch_loss(eps, z_t, z0, a, s, "eps", return_selected=True)
+    assert torch.equal(sel[4, 16], sel[8, 8]) and torch.equal(sel[8, 8], s <= 4.0 * (8 / 64) * a)
+    assert not torch.equal(sel[4, 16], s <= 4.0 * (16 / 64) * a)  # (the width alone would select more)

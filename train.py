@@ -91,7 +91,7 @@ def build_parser():
     a("--lpl-calibration-batches", type=Int(1, 10000), default=10, help="batches that measure L_Diff and L_LPL for the "
       "default --lpl-weight (their own random draws: the run's batches are the same with any weight)")
     a("--lpl-tau", type=POSITIVE, default=4.0, help="τ on σ/α at 64x64 latents (the paper's 512 px at f8; "
-      "3-6 is best, Fig. 6); scaled by latent width / 64 (Section 4.1); also selects --loss rgb's samples")
+      "3-6 is best, Fig. 6); scaled by the latents' √(h·w) / 64 (Section 4.1); also selects --loss rgb's samples")
     a("--lpl-blocks", type=Int(1, 64), default=None, help="decoder blocks tapped, the first N in decoding order "
       "(Fig. 7); default: all")
     a("--lpl-normalization", default="shared", choices=list(NORMALIZATIONS),
@@ -142,6 +142,7 @@ def get_args(argv=None):
     if not args.resume:  # (a resumed run's own options come from its checkpoint, checked below)
         loss = "cas-dm --cas-metric none" if args.loss == "cas-dm" and args.cas_metric == "none" else args.loss
         requires(argparse.Namespace(**dict(vars(args), loss=loss)), explicit, REQUIRES)
+        requires(args, explicit, REQUIRES_TOO)
     return args, explicit
 
 
@@ -171,6 +172,11 @@ REQUIRES = {
     "rgb_weight": ("loss", {"rgb"}, "--loss rgb"),
     "sp_layer": ("loss", {"self-perceptual"}, "--loss self-perceptual"),
     "min_snr_gamma": ("reweight", {"min-snr"}, "--reweight min-snr"),
+}
+# ... and a second condition some of them have (the same rule, checked after REQUIRES)
+REQUIRES_TOO = {
+    "lpl_detach_sigma": ("lpl_normalization", {"shared"}, "--lpl-normalization shared (separate standardises each "
+                         "map by its own statistics, with their gradients; channel divides by the target's norm)"),
 }
 
 
@@ -299,7 +305,7 @@ def run(args, explicit):
                  + ("" if init is not None else " and image size"))
         if tuple(source["latent_shape"]) != latent_shape and RANK == 0:
             print(f"post-training at latents {latent_shape} from {what}'s {tuple(source['latent_shape'])}: every weight "
-                  f"carries over, τ scales by latent width / 64 ({latent_shape[-1] / 64:g})")
+                  f"carries over, τ scales by the latent width / 64 ({latent_shape[-1] / 64:g})")
         if len(source["classes"]) != num_classes:
             fail(f"{what} was trained on {len(source['classes'])} classes, --data {args.data} has {num_classes}")
     trained_on = (resume or {}).get("args", {}).get("latent_cache")
@@ -380,7 +386,7 @@ class Run:
         # Section 4.1: τ scales with resolution. 64 = the latent width of the paper's 512 px images with
         # its f8 VAE; we scale by the latent grid, on which the noise acts, so an f4 VAE at 32 px (8x8
         # latents) gets the τ of an f8 VAE at 64 px.
-        self.res_scale = latent_shape[-1] / 64
+        self.res_scale = math.sqrt(latent_shape[-2] * latent_shape[-1]) / 64  # (the width: square latents)
         self.fwd = self.model
         if WORLD > 1:
             from torch.nn.parallel import DistributedDataParallel
