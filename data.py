@@ -335,7 +335,9 @@ def atomic_save(obj, path):
 def make_toy(out, classes=("circle", "square", "stripes"), per_class=64, size=16, seed=0):
     """Synthetic PNGs in ImageFolder layout (a shape per class, in random colours and places) and a
     tiny random AutoencoderKL (factor 2) saved with save_pretrained: everything the quick start
-    needs, made here, with no download. It shows the pipeline working, not a model."""
+    needs, made here, with no download. It shows the pipeline working, not a model. Its scaling_factor
+    is 1 / std of the images' latent means, as train_vae.py sets it (the diffusers default, 0.18215,
+    would give this autoencoder latents of std 0.05: the wrong-scale trap of the README)."""
     from diffusers import AutoencoderKL
     from PIL import Image
     g = torch.Generator().manual_seed(seed)
@@ -350,9 +352,15 @@ def make_toy(out, classes=("circle", "square", "stripes"), per_class=64, size=16
             img = torch.where(shape[..., None], fg, bg)  # (size, size, 3) in [0, 1]
             Image.fromarray((img * 255).round().to(torch.uint8).numpy()).save(os.path.join(out, "images", name, f"{i}.png"))
     torch.manual_seed(seed)
-    AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                  latent_channels=4).save_pretrained(os.path.join(out, "vae"))
+    vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4).eval()
+    files = sorted(glob.glob(os.path.join(out, "images", "*", "*.png")))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()) for f in files])  # (N, H, W, 3)
+    with torch.no_grad():
+        means = vae.encode(x.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean  # (N, 4, h, w), raw scale
+    vae.register_to_config(scaling_factor=1 / means.std().item())
+    vae.save_pretrained(os.path.join(out, "vae"))
 
 
 def main(argv=None):

@@ -181,6 +181,13 @@ def test_toy_dataset_makes_the_offline_quick_start(tmp_path):
                 "--run-dir", str(tmp_path / "runs" / "quick")])
     assert load(tmp_path / "runs" / "quick" / "ckpt.pt")["latent_shape"] == (4, 8, 8)
     assert "already holds a toy dataset" in one_line_error(data.main, ["toy", str(tmp_path / "toy")])
+    # in the diffusion model's scale its latents have unit spread (issue 40: 0.049 with the default factor)
+    from lpl import encode_latents
+    vae = AutoencoderKL.from_pretrained(tmp_path / "toy" / "vae").eval()
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy())
+                     for f in sorted((tmp_path / "toy" / "images").glob("*/*.png"))]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert abs(encode_latents(vae, x.float() / 127.5 - 1).std().item() - 1) < 1e-4
 
 
 # ---------------------------------------------------------------- no silent wrong answer, no lost work, no hang
