@@ -505,7 +505,10 @@ class Run:
     def lpl_gradient(self, loss_lpl):
         """|∇L_LPL| / |∇L_Diff| and their cosine over the DiT's parameters, at a log step: one more
         backward, of L_LPL alone (the step's graph is kept for it); ∇L_Diff is the step's gradient less
-        w·∇L_LPL, so the step itself, and its gradient, are what they are without the measurement."""
+        w·∇L_LPL, so the step itself, and its gradient, are what they are without the measurement. Its
+        cost, measured (30-step runs logging every step or once; DiT-XS/2, batch 128, the f4 decoder, one
+        AMD EPYC thread): +1.1 s on a 1.6 s step, 1.3% of a run at --log-every 50 (an l2 run's
+        lpl_probe: +0.3 s on 1.2 s, 0.5%)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         # (no sample under τ on this rank: L_LPL is a constant 0; every rank still joins the mean)
         g = torch.autograd.grad(loss_lpl, params, allow_unused=True) if loss_lpl.requires_grad else [None] * len(params)
