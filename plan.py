@@ -319,10 +319,10 @@ def build_stages(cfg):
             units=s["n"] * s["steps"] // sc["steps"], rate="score_sample", artifact=samples, scratch=samples,
             resume="--resume")
 
-    def denoise(run, st):
+    def denoise(run, arm, st):
         """metrics.py denoise of one checkpoint: the same held-out images and noise for every run."""
         d = st["denoise"]
-        fid = "--fid" if run.split("/")[1].rsplit("-s", 1)[0] in d["fid"] else "--no-fid"
+        fid = "--fid" if arm in d["fid"] else "--no-fid"
         return Stage(f"{run}/denoise", "denoise", [["metrics.py", "denoise", f"{{work}}/{run}/ckpt.pt", "--data", test_data,
                                                     "--n", str(d["n"]), "--levels", *map(str, d["levels"]), fid]],
                      deps=[run], capture=f"{run}/denoise.txt", units=0)
@@ -375,7 +375,7 @@ def build_stages(cfg):
                 if st["inflation"]:
                     add(inflation(run))
                 if "denoise" in st:
-                    add(denoise(run, st))
+                    add(denoise(run, arm, st))
             done.append(arm)
             for name, h in list(hybrids.items()):  # each seed's two runs sampled together
                 if {h["high"], h["low"]} <= set(done):
