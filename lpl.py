@@ -312,12 +312,13 @@ def latent_scale(vae):
     return (lambda z: (z - shift) * scale), (lambda z: z / scale + shift)
 
 
-def encode_latents(vae, x, sample=False, generator=None):
+def encode_latents(vae, x, sample=False, generator=None, raw_latents=False):
     """Images x (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w) in the diffusion model's scale, as the
     family's pipeline makes them (the inverse of what the loss decodes through): the posterior mean,
-    or with sample=True a draw (KL autoencoders), as DiT's and diffusers' training scripts encode."""
+    or with sample=True a draw (KL autoencoders), as DiT's and diffusers' training scripts encode.
+    raw_latents: the autoencoder's own latents, no normalisation (Kandinsky 2.2/3's movq)."""
     family = _family(vae)
-    to_diffusion, _ = latent_scale(vae)
+    to_diffusion = (lambda z: z) if raw_latents else latent_scale(vae)[0]
     if family in ("AutoencoderDC", "AutoencoderTiny", "VQModel"):  # deterministic encoders
         out = vae.encode(x)
         z = out.latent if family == "AutoencoderDC" else out.latents  # VQ: before the codebook, as decoded
@@ -329,15 +330,16 @@ def encode_latents(vae, x, sample=False, generator=None):
     return to_diffusion(z)
 
 
-def decoder_taps(vae):
+def decoder_taps(vae, raw_latents=False):
     """(taps, decode, latent_channels) of a diffusers autoencoder: the blocks F^{d,l} ends at, in
-    decoding order, and fn(z) running its own decode path on z in the diffusion model's scale."""
+    decoding order, and fn(z) running its own decode path on z in the diffusion model's scale (with
+    raw_latents, on the autoencoder's own latents: no normalisation undone)."""
     family, cfg, dec = _family(vae), getattr(vae, "config", None), getattr(vae, "decoder", None)
     if family is None or (family != "AutoencoderTiny" and not hasattr(dec, "up_blocks")):
         raise ValueError(f"LatentPerceptualLoss cannot read a {type(vae).__name__}: built in are {SUPPORTED}. "
                          f"For any other decoder pass taps=[its blocks, in decoding order], "
                          f"decode=fn(latent) -> image and latent_channels=C (see the README, 'Your own decoder')")
-    _, to_vae = latent_scale(vae)
+    to_vae = (lambda z: z) if raw_latents else latent_scale(vae)[1]
     if family in _VIDEO:  # one frame in and out
         return ([dec.mid_block, *dec.up_blocks], lambda z: vae.decode(to_vae(z).unsqueeze(2)).sample[:, :, 0],
                 cfg.z_dim)
@@ -380,6 +382,8 @@ class LatentPerceptualLoss(nn.Module):
                      (AutoencoderKL-type decoders; diffusers >= 0.32 checkpoints in eval mode too).
     taps, decode, latent_channels: the modules whose outputs are ϕ_l, in decoding order; fn(z) that
                      decodes a latent in the diffusion model's scale (undo your scaling inside it); C.
+    raw_latents:     the diffusion model trains on the autoencoder's own latents, unnormalised (Kandinsky
+                     2.2/3 on movq's, a VQModel); default: the family pipeline's scale (latent_scale).
 
     Latents are cast to the VAE's dtype; prefer fp32 (fp16 SD decoders overflow) or bf16. The VAE is
     held by reference, not as a submodule: the loss has an empty state_dict, lpl.train() leaves the
@@ -388,12 +392,15 @@ class LatentPerceptualLoss(nn.Module):
 
     def __init__(self, vae, num_blocks=None, normalization="shared", detach_sigma=True, layer_weights="pow2",
                  outliers=True, kernel_ref_size=512, grad_checkpointing=False, taps=None, decode=None,
-                 latent_channels=None):
+                 latent_channels=None, raw_latents=False):
         super().__init__()
         if not (taps is None) == (decode is None) == (latent_channels is None):
             raise ValueError("bring-your-own decoder: pass taps, decode and latent_channels together")
+        if raw_latents and taps is not None:
+            raise ValueError("raw_latents picks a built-in family's decode path; your own decode function "
+                             "decides the scale itself")
         if taps is None:
-            taps, decode, latent_channels = decoder_taps(vae)
+            taps, decode, latent_channels = decoder_taps(vae, raw_latents)
         elif not taps or not all(isinstance(m, nn.Module) for m in taps):
             raise ValueError("taps must be a non-empty list of the decoder's modules, in decoding order")
         n = len(taps) if num_blocks is None else num_blocks

@@ -724,3 +724,29 @@ def test_tau_scales_with_the_latent_area_for_non_square_latents():
         _, sel[h, w] = lpl.batch_loss(eps, z_t, z0, a, s, "eps", return_selected=True)
     assert torch.equal(sel[4, 16], sel[8, 8]) and torch.equal(sel[8, 8], s <= 4.0 * (8 / 64) * a)
     assert not torch.equal(sel[4, 16], s <= 4.0 * (16 / 64) * a)  # (the width alone would select more)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_raw_latents_decode_and_encode_without_the_pipeline_normalisation(name):
+    """raw_latents=True (Kandinsky 2.2/3 train on movq's own latents): the loss's features are the
+    decoder's activations on z itself, and encode_latents gives the encoder's own output; every
+    family's normalisation is non-trivial here, so the default differs."""
+    vae, to_vae, taps = tiny_family(name)
+    z = torch.randn(2, 4, 4, 4)
+    acts = []
+    hooks = [b.register_forward_hook(lambda m, a, o: acts.append(o)) for b in taps]
+    with torch.no_grad():
+        vae.decode(z, force_not_quantize=True) if name == "vq" else vae.decode(z.unsqueeze(2) if name in ("qwen", "wan") else z)
+    for h in hooks:
+        h.remove()
+    raw = LatentPerceptualLoss(vae, raw_latents=True).features(z)
+    for f, a in zip(raw, acts):
+        torch.testing.assert_close(f, a[:, :, 0] if a.dim() == 5 else a)
+    assert not torch.allclose(LatentPerceptualLoss(vae).features(z)[0], raw[0])
+    from lpl import encode_latents, latent_scale
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():  # the raw latents are the scaled ones de-normalised: the encoder's own output
+        torch.testing.assert_close(encode_latents(vae, x, raw_latents=True),
+                                   latent_scale(vae)[1](encode_latents(vae, x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="raw_latents"):
+        LatentPerceptualLoss(vae, raw_latents=True, taps=taps, decode=lambda z: z, latent_channels=4)
