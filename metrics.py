@@ -497,20 +497,38 @@ def sigma_bias(vae, z0, noise, detach_sigma, draws=16, steps=300, lr=0.02, seed=
 
 
 # ------------------------------------------------------------------------------ command line
+def comparable_checkpoints(paths):
+    """[(path, checkpoint)] of train.py checkpoints on one autoencoder and one set of classes (models
+    measured on the same latents), or one line naming the one that differs."""
+    from checkpoints import load_checkpoint
+    ckpts = [(path, load_checkpoint(path)) for path in paths]
+    first = ckpts[0][1]
+    for path, ck in ckpts:
+        if (ck["args"]["vae"], ck["classes"]) != (first["args"]["vae"], first["classes"]):
+            fail(f"{path} was trained on another autoencoder or classes than {paths[0]}: measure them apart")
+    return ckpts
+
+
+def labels_of(files, classes, folder):
+    """The class index of each ImageFolder file, or one line naming the classes the checkpoints lack."""
+    names = [os.path.basename(os.path.dirname(f)) for f in files]
+    if not set(names) <= set(classes):
+        unknown = ", ".join(sorted(set(names) - set(classes)))
+        fail(f"{folder!r} holds classes the checkpoints do not know ({unknown}): give a folder in the training "
+             f"data's ImageFolder layout")
+    return [classes.index(c) for c in names]
+
+
 def denoise_main(args):
     """`metrics.py denoise`: every input checked (checkpoints, classes, images, levels) before the
     autoencoder encodes anything; then one block of lines per checkpoint."""
-    from checkpoints import load_checkpoint
     from data import encode_latents, load_vae
     from lpl import LatentPerceptualLoss
     from model import build_model
     if len(set(args.levels)) != len(args.levels):
         fail(f"--levels names a level twice: {' '.join(f'{v:g}' for v in args.levels)}")
-    ckpts = [(path, load_checkpoint(path)) for path in args.ckpts]
+    ckpts = comparable_checkpoints(args.ckpts)
     first = ckpts[0][1]
-    for path, ck in ckpts:
-        if (ck["args"]["vae"], ck["classes"]) != (first["args"]["vae"], first["classes"]):
-            fail(f"{path} was trained on another autoencoder or classes than {args.ckpts[0]}: measure them apart")
     folder = args.data
     if folder is None:
         train_data = first["args"]["data"]
@@ -522,11 +540,7 @@ def denoise_main(args):
     if len(files) < args.n:
         fail(f"{folder!r} holds {len(files)} images, fewer than --n {args.n}: lower --n or give a larger --data")
     files = subset(files, args.n, args.seed)
-    names = [os.path.basename(os.path.dirname(f)) for f in files]
-    if not set(names) <= set(first["classes"]):
-        unknown = ", ".join(sorted(set(names) - set(first["classes"])))
-        fail(f"{folder!r} holds classes the checkpoints do not know ({unknown}): give a folder in the training "
-             f"data's ImageFolder layout")
+    labels = labels_of(files, first["classes"], folder)
     size = first["args"]["image_size"]
     shape = tuple(next(read_images(files[:1])).shape[-2:])
     if shape != (size, size):
@@ -536,7 +550,7 @@ def denoise_main(args):
         from fid import inception_path
         inception_path()  # the FID network is there, before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    y = torch.tensor([first["classes"].index(c) for c in names], device=device)
+    y = torch.tensor(labels, device=device)
     vae = load_vae(first["args"]["vae"], device)
     x = torch.cat(list(read_images(files))).to(device)  # (n, 3, H, W) uint8
     with torch.no_grad():
@@ -704,23 +718,14 @@ def main(argv=None):
     if args.metric == "inflation":
         from data import encode_latents, load_vae
         from lpl import LatentPerceptualLoss
-        from checkpoints import load_checkpoint
         from model import build_model
         if args.n < 1:
             fail(f"--n must be >= 1, got {args.n}")
-        ckpts = [(path, load_checkpoint(path)) for path in args.ckpts]
+        ckpts = comparable_checkpoints(args.ckpts)
         first = ckpts[0][1]
-        for path, ck in ckpts:
-            if (ck["args"]["vae"], ck["classes"]) != (first["args"]["vae"], first["classes"]):
-                fail(f"{path} was trained on another autoencoder or classes than {args.ckpts[0]}: measure them apart")
         files = image_files(args.folder)
         files = subset(files, min(args.n, len(files)), args.seed)
-        names = [os.path.basename(os.path.dirname(f)) for f in files]
-        if not set(names) <= set(first["classes"]):
-            unknown = ", ".join(sorted(set(names) - set(first["classes"])))
-            fail(f"{args.folder!r} holds classes the checkpoints do not know ({unknown}): give a folder in "
-                 f"the training data's ImageFolder layout")
-        y = torch.tensor([first["classes"].index(c) for c in names])
+        y = torch.tensor(labels_of(files, first["classes"], args.folder))
         vae = load_vae(first["args"]["vae"], "cpu")
         x = torch.cat(list(read_images(files)))  # (n, 3, H, W) uint8
         with torch.no_grad():

@@ -624,10 +624,8 @@ def test_correct_hookups_in_any_precision_and_schedule_give_no_error_and_no_warn
         for name, (a, s, param, path) in _host_schedules(dtype, B, g).items():
             z0, eps = torch.randn(B, 4, hw, hw, generator=g), torch.randn(B, 4, hw, hw, generator=g)
             a4, s4 = (x.to(dtype).view(-1, 1, 1, 1) for x in (a, s))
-            if name.startswith("SiT"):  # x_t = t x1 + (1 − t) x0: α = t, σ = 1 − t, pred = −u = −(x1 − x0)
-                z_t = a4 * z0.to(dtype) + s4 * eps.to(dtype)
-            else:
-                z_t = a4 * z0.to(dtype) + s4 * eps.to(dtype)  # the host's own arithmetic, in its dtype
+            # the host's own arithmetic, in its dtype (SiT's x_t = t x1 + (1 − t) x0 is this with α = t, σ = 1 − t)
+            z_t = a4 * z0.to(dtype) + s4 * eps.to(dtype)
             target = {"eps": eps, "v": a4.float() * eps - s4.float() * z0, "flow": eps - z0}[param]
             for pred in (target.to(dtype), torch.randn(target.shape, generator=g).to(dtype)):
                 got = _lpl_warnings(lambda: lpl.batch_loss(pred, z_t, z0.to(dtype), a, s, param, tau=16.0, path=path))
