@@ -11,13 +11,13 @@
 #     lpl-tau-unscaled   τ = 4 applied at 8x8 latents as if they were 64x64 (--lpl-tau 32): ~75% of a batch
 #     lpl-channel        the authors' normalization (lpl.py normalization="channel")
 #   Every checkpoint: metrics.py denoise (one-step ẑ0 of 2,000 test images at σ/α 0.1-2; without its
-#   FID, 10,000 Inception passes a checkpoint, ~1 h here: metrics.py denoise --fid by hand), σ(ϕ̂)/σ(ϕ),
+#   FID, 10,000 Inception passes a checkpoint, ~45 min at the reference's 0.27 s an image: by hand), σ(ϕ̂)/σ(ϕ),
 #   and the logs' lpl_probe and LPL's gradient against L_Diff's. Scores as cifar10-cpu (2,000 samples,
 #   25 DDIM steps, guidance 1.5, sampling seed 0), and besides: l2 above / lpl below σ/α = 0.5 (τ's
 #   8x8 value) and the reverse, as soon as l2 and lpl are trained; once every arm is: every run at
 #   sampling seed 1 (the sampler's own noise, which a paired difference must exceed), then l2 and lpl
 #   at 100 sampling steps (Fig. 8: LPL's gains grow with the steps).
-#   About 22 h with --jobs 2 on 2 cores of an AMD EPYC VM (projected from this machine's rates).
+#   About 29 h with --jobs 2 on 2 cores of an AMD EPYC VM, as --dry-run projects it from that machine's rates.
 #   python protocol.py protocols/where-lpl-acts.py --jobs 2
 description = "where LPL acts: what it trains, where along sampling its FID effect lies, which setting flips it"
 data = "data/cifar10-png"
